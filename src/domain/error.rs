@@ -1,0 +1,124 @@
+//! Input errors: every one names the JSON path of the value that is wrong.
+
+use serde::de::DeserializeOwned;
+
+/// A value that is present but out of range or inconsistent (`422 invalid_field`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// JSON path of the offending value, e.g. `fences[3].radius_m`.
+    pub field: String,
+    /// A human sentence saying what is wrong.
+    pub message: String,
+}
+
+impl FieldError {
+    /// A field error at `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+
+    /// The same error with `prefix` put in front of its path (`pings[3]` + `lat` → `pings[3].lat`).
+    pub fn within(mut self, prefix: &str) -> Self {
+        self.field = join_path(prefix, &self.field);
+        self
+    }
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Why a request body could not become a domain value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputError {
+    /// Not JSON, or not the expected shape (a string where a number belongs): `400 malformed_json`.
+    Malformed {
+        /// What the parser said.
+        message: String,
+        /// Where, when known.
+        field: Option<String>,
+    },
+    /// A value out of range or inconsistent: `422 invalid_field`.
+    Invalid(FieldError),
+}
+
+impl From<FieldError> for InputError {
+    fn from(e: FieldError) -> Self {
+        Self::Invalid(e)
+    }
+}
+
+impl InputError {
+    /// The same error with `prefix` put in front of its path.
+    pub fn within(self, prefix: &str) -> Self {
+        match self {
+            Self::Malformed { message, field } => {
+                Self::Malformed { message, field: Some(join_path(prefix, field.as_deref().unwrap_or(""))) }
+            }
+            Self::Invalid(e) => Self::Invalid(e.within(prefix)),
+        }
+    }
+}
+
+fn join_path(prefix: &str, field: &str) -> String {
+    match (prefix.is_empty(), field.is_empty()) {
+        (true, _) => field.to_owned(),
+        (false, true) => prefix.to_owned(),
+        (false, false) if field.starts_with('[') => format!("{prefix}{field}"),
+        (false, false) => format!("{prefix}.{field}"),
+    }
+}
+
+/// Parses JSON into a wire type, classifying failures as API.md's "Errors" edge says: wrong JSON
+/// types are malformed (400); numbers that overflow (`1e999`) are invalid fields (422).
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, InputError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(de).map_err(classify)?;
+    Ok(value)
+}
+
+/// Turns a path-tracking serde error into an [`InputError`].
+pub fn classify(e: serde_path_to_error::Error<serde_json::Error>) -> InputError {
+    let path = e.path().to_string();
+    let field = (path != ".").then_some(path);
+    let inner = e.into_inner();
+    let message = inner.to_string();
+    if message.starts_with("number out of range") {
+        let field = field.unwrap_or_default();
+        return InputError::Invalid(FieldError::new(field, "number is out of range"));
+    }
+    InputError::Malformed { message, field }
+}
+
+/// Reads an integer-valued JSON number into `min..=max`; fractions and overflow are field errors.
+pub fn integer(field: &str, n: &serde_json::Number, min: i64, max: i64) -> Result<i64, FieldError> {
+    let v = match n.as_i64() {
+        Some(v) => v,
+        None => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if f.is_finite() && f.fract() != 0.0 {
+                return Err(FieldError::new(field, "must be a whole number"));
+            }
+            return Err(FieldError::new(field, format!("must be between {min} and {max}")));
+        }
+    };
+    if v < min || v > max {
+        return Err(FieldError::new(field, format!("must be between {min} and {max}")));
+    }
+    Ok(v)
+}
+
+/// Reads a required member, naming it when absent.
+pub fn required<T>(field: &str, v: Option<T>) -> Result<T, FieldError> {
+    v.ok_or_else(|| FieldError::new(field, "is required"))
+}
+
+/// Checks a finite number in `min..=max`.
+pub fn number_in(field: &str, v: f64, min: f64, max: f64) -> Result<f64, FieldError> {
+    if !v.is_finite() || v < min || v > max {
+        return Err(FieldError::new(field, format!("must be a number between {min} and {max}")));
+    }
+    Ok(v)
+}

@@ -1,0 +1,31 @@
+//! # kabao — a geofence-driven coupon engine
+//!
+//! Phones send location pings; when a ping enters (or dwells in) a fence of an active campaign,
+//! kabao checks the campaign's caps, records a coupon in the user's wallet and pushes it to the
+//! user's phones. The contract is `API.md`; this is the map of the code behind it.
+//!
+//! ```text
+//!  POST /v1/pings ─► http ─► domain::PingInput::validate ─► spatial::FenceIndex::matches
+//!                                                                  │ hits (campaign, fence)
+//!                                                                  ▼
+//!                                                   trigger::TriggerEngine::apply   (rules 0–5)
+//!                                                                  │ candidates
+//!                                                                  ▼
+//!                                                   store::Store::issue   (atomic: caps + wallet + outbox)
+//!                                                                  │
+//!                                 reply with events ◄──────────────┴──► dispatch (FCM / APNs / log)
+//! ```
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`domain`] | validated types (`Ping`, `Fence`, `Campaign`, ids) and the exact containment rule |
+//! | [`spatial`] | `FenceIndex`: which fences contain a point — the hot path, pure and in memory |
+//! | [`trigger`] | per-user stay state and the trigger rules, in event time |
+//! | [`store`] | campaigns, devices, wallets, caps, outbox behind one trait; in-memory implementation |
+//!
+//! `spatial` and `trigger` do no I/O and never read the clock, so they are tested against brute
+//! force and benchmarked alone. Campaign changes flow the other way: the store is the source of
+//! truth, and a new immutable index snapshot is swapped in without pausing matching.
+
+pub mod domain;
+pub mod store;
