@@ -7,7 +7,8 @@ use super::error::FieldError;
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+        // Deserialize is for records read back from the store; requests go through `parse`.
         #[serde(transparent)]
         pub struct $name(Arc<str>);
 
