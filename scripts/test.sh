@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# kabao's whole check, as CI runs it: formatting, lints, then every test.
+# Works on a fresh Debian machine with only Rust installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --locked
