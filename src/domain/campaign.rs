@@ -566,3 +566,145 @@ fn validate_schedule(doc: ScheduleDoc) -> Result<Schedule, FieldError> {
     }
     Ok(Schedule { starts_at_ms, ends_at_ms, timezone, timezone_given, hours })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::error::{parse_json, InputError};
+    use serde_json::json;
+
+    fn circle(id: &str) -> serde_json::Value {
+        json!({"id": id, "type": "circle", "center": [114.0579, 22.5431], "radius_m": 150})
+    }
+
+    fn base() -> serde_json::Value {
+        json!({
+            "id": "coffee-2013-01",
+            "name": "20% off any coffee",
+            "merchant": {"id": "meiyijia", "name": "Meiyijia"},
+            "coupon": {"title": "20% off coffee", "body": "Show this at the counter", "valid_for_s": 86400},
+            "fences": [circle("store-0042"),
+                {"id": "mall-7", "type": "polygon", "coordinates": [[[114.05,22.54],[114.06,22.54],[114.06,22.55],[114.05,22.54]]]}],
+            "trigger": {"on": "enter"},
+            "schedule": {"starts_at_ms": 0, "ends_at_ms": 4102444800000i64, "timezone": "Asia/Shanghai",
+                         "hours": [{"days": ["mon","tue","wed","thu","fri"], "from": "08:00", "to": "22:00"}]},
+            "caps": {"per_user_cooldown_s": 86400, "per_user_max": 1, "total_max": 100000},
+            "audience": {"tags_any": ["vip"]},
+            "max_accuracy_m": 100,
+            "status": "active"
+        })
+    }
+
+    fn validate(v: &serde_json::Value) -> Result<Campaign, InputError> {
+        let doc: CampaignDoc = parse_json(v.to_string().as_bytes())?;
+        Ok(doc.validate(|| CampaignId::parse("id", "generated").unwrap())?)
+    }
+
+    /// Sets `path` (dotted, with numeric segments for array items) in a copy of the base campaign.
+    fn with(path: &str, value: serde_json::Value) -> serde_json::Value {
+        let mut v = base();
+        let mut cur = &mut v;
+        let parts: Vec<&str> = path.split('.').collect();
+        for part in &parts[..parts.len() - 1] {
+            cur = match part.parse::<usize>() {
+                Ok(i) => &mut cur[i],
+                Err(_) => &mut cur[*part],
+            };
+        }
+        let last = parts[parts.len() - 1];
+        match last.parse::<usize>() {
+            Ok(i) => cur[i] = value,
+            Err(_) => cur[last] = value,
+        }
+        v
+    }
+
+    #[test]
+    fn the_api_example_validates_and_round_trips() {
+        let c = validate(&base()).unwrap();
+        assert_eq!(c.fences.len(), 2);
+        let echoed = serde_json::to_value(c.to_doc()).unwrap();
+        let again = validate(&echoed).unwrap();
+        assert_eq!(again, c);
+        assert_eq!(echoed["caps"]["total_max"], json!(100000));
+    }
+
+    #[test]
+    fn each_invalid_value_names_its_field() {
+        let cases: Vec<(serde_json::Value, &str)> = vec![
+            (with("id", json!("has space")), "id"),
+            (with("fences.0.radius_m", json!(0.5)), "fences[0].radius_m"),
+            (with("fences.0.radius_m", json!(50_001)), "fences[0].radius_m"),
+            (with("fences.0.center", json!([181.0, 0.0])), "fences[0].center[0]"),
+            (with("fences.0.center", json!([0.0, -90.5])), "fences[0].center[1]"),
+            (with("fences.0.type", json!("square")), "fences[0].type"),
+            (with("fences.1.id", json!("store-0042")), "fences[1].id"),
+            (
+                with("fences.1.coordinates", json!([[[114.05, 22.54], [114.06, 22.54], [114.05, 22.54]]])),
+                "fences[1].coordinates[0]",
+            ),
+            (
+                with(
+                    "fences.1.coordinates",
+                    json!([[[114.05, 22.54], [114.06, 22.54], [114.06, 22.55], [114.05, 22.55]]]),
+                ),
+                "fences[1].coordinates[0]",
+            ),
+            (
+                with("fences.1.coordinates", json!([[[0, 0], [1, 1], [0, 1], [1, 0], [0, 0]]])),
+                "fences[1].coordinates[0]",
+            ),
+            (with("fences.1.coordinates", json!([])), "fences[1].coordinates"),
+            (with("fences", json!([])), "fences"),
+            (with("trigger", json!({"on": "dwell"})), "trigger.dwell_s"),
+            (with("trigger", json!({"on": "dwell", "dwell_s": 1.5})), "trigger.dwell_s"),
+            (with("trigger", json!({"on": "exit"})), "trigger.on"),
+            (with("schedule.ends_at_ms", json!(0)), "schedule.ends_at_ms"),
+            (with("schedule.timezone", json!("Mars/Olympus")), "schedule.timezone"),
+            (with("schedule.hours.0.from", json!("25:00")), "schedule.hours[0].from"),
+            (with("schedule.hours.0.to", json!("8pm")), "schedule.hours[0].to"),
+            (with("schedule.hours.0.days", json!(["funday"])), "schedule.hours[0].days[0]"),
+            (with("caps.per_user_max", json!(-1)), "caps.per_user_max"),
+            (with("status", json!("archived")), "status"),
+            (with("max_accuracy_m", json!(-5)), "max_accuracy_m"),
+            (with("name", json!("x".repeat(MAX_TEXT_CHARS + 1))), "name"),
+        ];
+        for (doc, field) in cases {
+            match validate(&doc) {
+                Err(InputError::Invalid(e)) => assert_eq!(e.field, field, "{e:?}"),
+                other => panic!("expected an invalid {field}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_types_are_malformed_and_overflow_is_invalid() {
+        assert!(matches!(validate(&with("fences", json!("many"))), Err(InputError::Malformed { .. })));
+        assert!(matches!(validate(&with("fences.0.radius_m", json!("150"))), Err(InputError::Malformed { .. })));
+        let overflow = base().to_string().replace("\"radius_m\":150", "\"radius_m\":1e999");
+        let doc = parse_json::<CampaignDoc>(overflow.as_bytes());
+        assert!(matches!(doc, Err(InputError::Invalid(ref e)) if e.field == "fences[0].radius_m"), "{doc:?}");
+    }
+
+    #[test]
+    fn defaults_fill_what_is_absent() {
+        let c = validate(&json!({"fences": [circle("a")]})).unwrap();
+        assert_eq!(c.id.as_str(), "generated");
+        assert_eq!(c.trigger, Trigger::Enter);
+        assert_eq!(c.status, Status::Active);
+        assert_eq!(c.caps, Caps::default());
+        assert!(c.schedule.is_none() && c.audience_tags.is_empty() && c.max_accuracy_m.is_none());
+        assert!(c.is_issuing_at(0));
+    }
+
+    #[test]
+    fn non_finite_and_repeated_ids_never_panic() {
+        let nan_like = base().to_string().replace("[114.0579,22.5431]", "[NaN,22.5431]");
+        assert!(parse_json::<CampaignDoc>(nan_like.as_bytes()).is_err());
+        let doc = json!({"fences": [circle("a"), circle("b"), circle("a")]});
+        match validate(&doc) {
+            Err(InputError::Invalid(e)) => assert_eq!(e.field, "fences[2].id"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
