@@ -147,12 +147,18 @@ impl Polygon {
                 return Err((index, PolygonError::Invalid(problem.to_string())));
             }
         }
-        let distinct = &outer[..outer.len() - 1];
-        let n = distinct.len() as f64;
-        let unwrapped = &shape.exterior().0[..outer.len() - 1];
-        let mean_lon = unwrapped.iter().map(|c| c.x).sum::<f64>() / n;
-        let mean_lat = distinct.iter().map(|p| p.lat).sum::<f64>() / n;
-        let anchor = LatLon { lat: mean_lat, lon: wrap_lon(mean_lon) };
+        // The anchor is the mean of the outer ring's *distinct* vertices (a repeated position
+        // counts once), taken in the unwrapped frame so a ring across ±180 averages correctly.
+        let mut seen = std::collections::HashSet::with_capacity(outer.len());
+        let (mut sum_lon, mut sum_lat, mut n) = (0.0, 0.0, 0.0);
+        for (p, c) in outer.iter().zip(shape.exterior().0.iter()) {
+            if seen.insert((p.lat.to_bits(), wrap_lon(p.lon).to_bits())) {
+                sum_lon += c.x;
+                sum_lat += p.lat;
+                n += 1.0;
+            }
+        }
+        let anchor = LatLon { lat: sum_lat / n, lon: wrap_lon(sum_lon / n) };
         Ok(Self { shape, bbox, anchor })
     }
 
@@ -289,6 +295,13 @@ mod tests {
         assert!(!p.contains(ll(0.0, 178.5)));
         assert!(!p.contains(ll(0.0, 0.0)));
         assert!((p.anchor().lon.abs() - 180.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn anchor_is_the_mean_of_distinct_vertices() {
+        let ring = vec![ll(0.0, 0.0), ll(0.0, 4.0), ll(0.0, 4.0), ll(3.0, 4.0), ll(0.0, 0.0)];
+        let a = Polygon::new(&[ring]).unwrap().anchor();
+        assert!((a.lat - 1.0).abs() < 1e-12 && (a.lon - 8.0 / 3.0).abs() < 1e-12, "{a:?}");
     }
 
     #[test]
