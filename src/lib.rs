@@ -28,4 +28,5 @@
 //! truth, and a new immutable index snapshot is swapped in without pausing matching.
 
 pub mod domain;
+pub mod spatial;
 pub mod store;

@@ -1,0 +1,409 @@
+//! [`FenceIndex`]: an immutable multi-level lat/lon cell grid over every fence of a set of
+//! campaigns, answering exactly what a brute force over [`Shape::contains`] answers.
+//!
+//! Layout. Each level is a grid of `2^k` cells per degree (k = 7, 4, 1: cells of ~870 m, ~7 km,
+//! ~55 km of latitude). A fence goes to the finest level where its bounding box covers at most
+//! [`MAX_CELLS_PER_FENCE`] cells, and gets one entry in each of those cells; fences that cover
+//! more even at the coarsest level (a 50 km circle at the pole, a polygon wider than 180°) go to
+//! a short list scanned with a bounding-box pre-check. Cells are grouped in tiles of 8 × 8; only
+//! tiles some fence touches exist (a hash map from tile key to tile), so fences spread over the
+//! world never allocate a world-sized array. A tile's cells are ranges of one dense entry array.
+//!
+//! Entries. A circle entry is 16 bytes: its centre as a unit vector *relative to the tile's
+//! centre* in `f32` (small numbers, so `f32` keeps ~1 mm), and its threshold on the squared chord,
+//! `4 sin²(r / 2R)`. Since `haversine ≤ r ⇔ chord² ≤ 4 sin²(r / 2R)`, the test is a 3-D
+//! difference and a dot product. Its rounding error is bounded ([`Level::band_abs`],
+//! [`BAND_REL`]); a ping within that band of the circle takes the exact path through
+//! [`Shape::contains`], so answers equal the brute force bit for bit. A polygon entry has a `NaN`
+//! threshold (every comparison fails, so it always takes the exact path) and carries the index of
+//! its [`PolyGrid`], which answers exactly and cheaply. The fence behind an entry is in a parallel
+//! array, read only on a hit.
+
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+
+use super::polygon::PolyGrid;
+use super::Hit;
+use crate::domain::geo::{LatLon, Shape, EARTH_RADIUS_M};
+use crate::domain::Campaign;
+
+/// log2 of cells per degree of each level, finest first.
+const LEVEL_SHIFTS: [u32; 3] = [7, 4, 1];
+/// Cells per tile side.
+const TILE: u64 = 8;
+/// Most cells one fence may occupy at a level before it moves to a coarser one.
+pub(crate) const MAX_CELLS_PER_FENCE: u64 = 64;
+/// Relative error band of the `f32` chord test, on the threshold (see [`Level::band_abs`]).
+/// The rounding analysis gives ≲ 8·10⁻⁷; this is ten times that.
+const BAND_REL: f32 = 8e-6;
+/// Slack added to every cover, degrees: far above rounding of `floor(deg · 2^k)` (~1e-13°).
+const COVER_SLACK_DEG: f64 = 1e-9;
+
+/// One fence in one cell: 16 bytes, read sequentially for every ping in the cell.
+#[derive(Debug, Clone, Copy, Default)]
+struct Entry {
+    /// Circle: centre unit vector minus the tile's reference vector. Polygon: `c[0]` holds the
+    /// [`PolyGrid`] index as raw bits (the threshold is `NaN`, so the values are never compared).
+    c: [f32; 3],
+    /// Circle: `4 sin²(r / 2R)`, the squared chord of the radius. Polygon: `NaN`.
+    t: f32,
+}
+
+/// One grid level.
+#[derive(Debug, Default)]
+struct Level {
+    /// Cells per degree.
+    scale: f64,
+    /// Cells around a parallel (`360 · scale`) and from pole to pole (`180 · scale`).
+    n_lon: u64,
+    n_lat: u64,
+    /// Tile key (`tile_lat << 32 | tile_lon`) → tile number.
+    tiles: FxHashMap<u64, u32>,
+    /// Per tile: unit vector of its centre, the origin the entries' `f32` offsets are taken from.
+    refs: Vec<[f64; 3]>,
+    /// Per tile, per cell (`tile · 64 + row · 8 + col`): start of the cell's entries; one extra
+    /// trailing value closes the last cell.
+    offsets: Vec<u32>,
+    entries: Vec<Entry>,
+    /// Fence slot of each entry (parallel to `entries`).
+    slots: Vec<u32>,
+    /// Absolute error band of the chord test at this level, `1e-6 · h²` with `h` a bound on the
+    /// distance (radians) of any point of a tile from its reference: covers `f32` rounding of
+    /// the offsets, whose size is bounded by the tile.
+    band_abs: f32,
+}
+
+/// Where one fence goes.
+#[derive(Debug, Clone, Copy)]
+enum Placement {
+    /// Level `level`, cells `lat0..=lat1` × `lon0..lon0 + nlon` (longitude wraps).
+    Grid { level: u8, lat0: u64, lat1: u64, lon0: i64, nlon: u64 },
+    /// Too big for any level: the scanned list.
+    Global,
+}
+
+/// A fence in the scanned list, with a latitude pre-check.
+#[derive(Debug, Clone, Copy)]
+struct GlobalFence {
+    slot: u32,
+    min_lat: f64,
+    max_lat: f64,
+}
+
+/// Immutable snapshot: the campaigns it was built from and the index over all their fences.
+#[derive(Debug)]
+pub struct FenceIndex {
+    campaigns: Vec<Arc<Campaign>>,
+    /// Fence slot → (campaign slot, fence index).
+    fences: Vec<Hit>,
+    levels: Vec<Level>,
+    global: Vec<GlobalFence>,
+    /// Polygon grids; a polygon entry names one.
+    polys: Vec<(u32, PolyGrid)>,
+}
+
+impl Level {
+    fn new(shift: u32) -> Self {
+        let scale = (1u64 << shift) as f64;
+        let tile_deg = TILE as f64 / scale;
+        let h = (2.0 * tile_deg).to_radians();
+        Self {
+            scale,
+            n_lon: 360 << shift,
+            n_lat: 180 << shift,
+            band_abs: (1e-6 * h * h) as f32,
+            offsets: vec![0],
+            ..Self::default()
+        }
+    }
+
+    #[inline]
+    fn lat_cell(&self, lat: f64) -> u64 {
+        let f = ((lat + 90.0) * self.scale).floor();
+        if f <= 0.0 {
+            0
+        } else {
+            (f as u64).min(self.n_lat - 1)
+        }
+    }
+
+    #[inline]
+    fn lon_cell(&self, lon: f64) -> i64 {
+        ((lon + 180.0) * self.scale).floor() as i64
+    }
+
+    #[inline]
+    fn key(lat_cell: u64, lon_cell: u64) -> (u64, usize) {
+        let key = (lat_cell / TILE) << 32 | (lon_cell / TILE);
+        let local = (lat_cell % TILE) * TILE + lon_cell % TILE;
+        (key, local as usize)
+    }
+
+    /// Tile number for a key, creating the tile (and its reference vector) if needed.
+    fn tile_for(&mut self, key: u64, counts: &mut Vec<u32>) -> usize {
+        let next = self.refs.len() as u32;
+        let t = *self.tiles.entry(key).or_insert(next) as usize;
+        if t == self.refs.len() {
+            let (tlat, tlon) = ((key >> 32) as f64, (key & 0xffff_ffff) as f64);
+            let tile_deg = TILE as f64 / self.scale;
+            let lat = -90.0 + (tlat + 0.5) * tile_deg;
+            let lon = -180.0 + (tlon + 0.5) * tile_deg;
+            self.refs.push(unit(lat, lon));
+            counts.resize(counts.len() + (TILE * TILE) as usize, 0);
+        }
+        t
+    }
+
+    /// Calls `f(key, local)` for every cell of a placement, each cell once.
+    fn for_each_cell(&self, lat0: u64, lat1: u64, lon0: i64, nlon: u64, mut f: impl FnMut(u64, usize)) {
+        for la in lat0..=lat1 {
+            for k in 0..nlon {
+                let lo = (lon0 + k as i64).rem_euclid(self.n_lon as i64) as u64;
+                let (key, local) = Self::key(la, lo);
+                f(key, local);
+            }
+        }
+    }
+
+    /// Appends the fences of this level containing the ping. `v` is the ping's unit vector.
+    #[inline]
+    fn scan(&self, index: &FenceIndex, p: LatLon, v: [f64; 3], out: &mut Vec<Hit>) {
+        let la = self.lat_cell(p.lat);
+        let lo = self.lon_cell(p.lon).rem_euclid(self.n_lon as i64) as u64;
+        let (key, local) = Self::key(la, lo);
+        let Some(&tile) = self.tiles.get(&key) else { return };
+        let cell = tile as usize * (TILE * TILE) as usize + local;
+        let (start, end) = (self.offsets[cell] as usize, self.offsets[cell + 1] as usize);
+        let r = self.refs[tile as usize];
+        let q = [(v[0] - r[0]) as f32, (v[1] - r[1]) as f32, (v[2] - r[2]) as f32];
+        let entries = &self.entries[start..end];
+        for (i, e) in entries.iter().enumerate() {
+            let (dx, dy, dz) = (q[0] - e.c[0], q[1] - e.c[1], q[2] - e.c[2]);
+            let d = dx * dx + dy * dy + dz * dz - e.t;
+            let band = self.band_abs + BAND_REL * e.t;
+            if d < -band {
+                out.push(index.fences[self.slots[start + i] as usize]);
+            } else if d <= band || d.is_nan() {
+                // Within the error band of the boundary, or a polygon: decide exactly.
+                let slot = self.slots[start + i];
+                if index.exact(slot, e, p) {
+                    out.push(index.fences[slot as usize]);
+                }
+            }
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        // hashbrown: one control byte per bucket plus the (key, value) pair.
+        self.tiles.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
+            + self.refs.capacity() * std::mem::size_of::<[f64; 3]>()
+            + self.offsets.capacity() * 4
+            + self.entries.capacity() * std::mem::size_of::<Entry>()
+            + self.slots.capacity() * 4
+    }
+}
+
+/// Unit vector of a position given in degrees.
+#[inline]
+fn unit(lat: f64, lon: f64) -> [f64; 3] {
+    let (sl, cl) = lat.to_radians().sin_cos();
+    let (so, co) = lon.to_radians().sin_cos();
+    [cl * co, cl * so, sl]
+}
+
+/// Bounding box of a fence in degrees: `(min_lat, max_lat, min_lon, max_lon)`, longitudes possibly
+/// outside ±180 (to be wrapped), `None` for the longitude when it spans every meridian.
+fn fence_bounds(shape: &Shape) -> (f64, f64, Option<(f64, f64)>) {
+    match shape {
+        Shape::Circle(c) => {
+            // Angular radius, enlarged by far more than any rounding so the cover is conservative.
+            let theta = c.radius_m / EARTH_RADIUS_M * (1.0 + 1e-9) + 1e-12;
+            let dlat = theta.to_degrees();
+            let (lat0, lat1) = (c.center.lat - dlat, c.center.lat + dlat);
+            if lat1 >= 90.0 || lat0 <= -90.0 {
+                return (lat0.max(-90.0), lat1.min(90.0), None);
+            }
+            // Widest longitude of a spherical cap: asin(sin θ / cos φ).
+            let s = theta.sin() / c.center.lat.to_radians().cos();
+            if s >= 1.0 {
+                return (lat0, lat1, None);
+            }
+            let dlon = s.asin().to_degrees() * (1.0 + 1e-9);
+            (lat0, lat1, Some((c.center.lon - dlon, c.center.lon + dlon)))
+        }
+        Shape::Polygon(p) => {
+            let [x0, y0, x1, y1] = p.bbox();
+            if x1 - x0 >= 180.0 {
+                return (y0, y1, None);
+            }
+            (y0, y1, Some((x0, x1)))
+        }
+    }
+}
+
+impl FenceIndex {
+    /// Builds the index over every fence of `campaigns`; hit slots index this vector.
+    pub fn build(campaigns: Vec<Arc<Campaign>>) -> Self {
+        let mut levels: Vec<Level> = LEVEL_SHIFTS.iter().map(|&s| Level::new(s)).collect();
+        let mut fences = Vec::new();
+        let mut placements = Vec::new();
+        let mut global = Vec::new();
+        let mut polys = Vec::new();
+        for (ci, campaign) in campaigns.iter().enumerate() {
+            for (fi, fence) in campaign.fences.iter().enumerate() {
+                let slot = fences.len() as u32;
+                fences.push(Hit { campaign: ci as u32, fence: fi as u32 });
+                let placement = place(&levels, &fence.shape);
+                if let Placement::Global = placement {
+                    let (min_lat, max_lat, _) = fence_bounds(&fence.shape);
+                    global.push(GlobalFence { slot, min_lat, max_lat });
+                }
+                placements.push(placement);
+            }
+        }
+        // Pass 1: create tiles and count entries per cell.
+        let mut counts: Vec<Vec<u32>> = vec![Vec::new(); levels.len()];
+        for pl in &placements {
+            if let Placement::Grid { level, lat0, lat1, lon0, nlon } = *pl {
+                let (lv, cnt) = (&mut levels[level as usize], &mut counts[level as usize]);
+                let mut cells = Vec::new();
+                lv.for_each_cell(lat0, lat1, lon0, nlon, |key, local| cells.push((key, local)));
+                for (key, local) in cells {
+                    let t = lv.tile_for(key, cnt);
+                    cnt[t * (TILE * TILE) as usize + local] += 1;
+                }
+            }
+        }
+        // Prefix sums: offsets[c] = first entry of cell c.
+        for (lv, cnt) in levels.iter_mut().zip(&counts) {
+            let mut offsets = Vec::with_capacity(cnt.len() + 1);
+            let mut acc = 0u32;
+            for &n in cnt {
+                offsets.push(acc);
+                acc += n;
+            }
+            offsets.push(acc);
+            lv.offsets = offsets;
+            lv.entries = vec![Entry::default(); acc as usize];
+            lv.slots = vec![0; acc as usize];
+        }
+        // Pass 2: fill the entries.
+        let mut cursors: Vec<Vec<u32>> = levels.iter().map(|lv| lv.offsets.clone()).collect();
+        let mut slot = 0usize;
+        for campaign in &campaigns {
+            for fence in &campaign.fences {
+                let pl = placements[slot];
+                let poly_index = match &fence.shape {
+                    Shape::Polygon(p) => {
+                        polys.push((slot as u32, PolyGrid::build(p)));
+                        Some(polys.len() as u32 - 1)
+                    }
+                    Shape::Circle(_) => None,
+                };
+                if let Placement::Grid { level, lat0, lat1, lon0, nlon } = pl {
+                    let lv = &mut levels[level as usize];
+                    let cur = &mut cursors[level as usize];
+                    let mut cells = Vec::new();
+                    lv.for_each_cell(lat0, lat1, lon0, nlon, |key, local| cells.push((key, local)));
+                    for (key, local) in cells {
+                        let t = lv.tiles[&key] as usize;
+                        let at = &mut cur[t * (TILE * TILE) as usize + local];
+                        lv.entries[*at as usize] = match (&fence.shape, poly_index) {
+                            (Shape::Circle(c), _) => {
+                                let cv = unit(c.center.lat, c.center.lon);
+                                let r = lv.refs[t];
+                                let half = c.radius_m / EARTH_RADIUS_M * 0.5;
+                                Entry {
+                                    c: [(cv[0] - r[0]) as f32, (cv[1] - r[1]) as f32, (cv[2] - r[2]) as f32],
+                                    t: (4.0 * half.sin() * half.sin()) as f32,
+                                }
+                            }
+                            (_, pi) => Entry { c: [f32::from_bits(pi.unwrap_or(u32::MAX)), 0.0, 0.0], t: f32::NAN },
+                        };
+                        lv.slots[*at as usize] = slot as u32;
+                        *at += 1;
+                    }
+                }
+                slot += 1;
+            }
+        }
+        levels.retain(|lv| !lv.entries.is_empty());
+        Self { campaigns, fences, levels, global, polys }
+    }
+
+    /// The campaigns this index was built from, in hit-slot order.
+    pub fn campaigns(&self) -> &[Arc<Campaign>] {
+        &self.campaigns
+    }
+
+    /// The campaign behind a hit's `campaign` slot.
+    pub fn campaign(&self, slot: u32) -> &Arc<Campaign> {
+        &self.campaigns[slot as usize]
+    }
+
+    /// Appends every fence containing `p` (API.md rule 1), each once, in any order.
+    pub fn matches(&self, p: LatLon, out: &mut Vec<Hit>) {
+        if self.levels.is_empty() && self.global.is_empty() {
+            return;
+        }
+        let v = unit(p.lat, p.lon);
+        for lv in &self.levels {
+            lv.scan(self, p, v, out);
+        }
+        for g in &self.global {
+            if p.lat >= g.min_lat && p.lat <= g.max_lat && self.shape(g.slot).contains(p) {
+                out.push(self.fences[g.slot as usize]);
+            }
+        }
+    }
+
+    /// Number of fences indexed.
+    pub fn fence_count(&self) -> usize {
+        self.fences.len()
+    }
+
+    /// Heap bytes of the index itself (not of the campaigns it shares).
+    pub fn heap_bytes(&self) -> usize {
+        self.campaigns.capacity() * std::mem::size_of::<Arc<Campaign>>()
+            + self.fences.capacity() * std::mem::size_of::<Hit>()
+            + self.levels.iter().map(Level::heap_bytes).sum::<usize>()
+            + self.global.capacity() * std::mem::size_of::<GlobalFence>()
+            + self.polys.iter().map(|(_, g)| g.heap_bytes()).sum::<usize>()
+            + self.polys.capacity() * std::mem::size_of::<(u32, PolyGrid)>()
+    }
+
+    fn shape(&self, slot: u32) -> &Shape {
+        let h = self.fences[slot as usize];
+        &self.campaigns[h.campaign as usize].fences[h.fence as usize].shape
+    }
+
+    /// The exact test for an entry the fast test could not decide.
+    #[cold]
+    fn exact(&self, slot: u32, e: &Entry, p: LatLon) -> bool {
+        match self.shape(slot) {
+            Shape::Circle(c) => c.contains(p),
+            Shape::Polygon(poly) => match self.polys.get(e.c[0].to_bits() as usize) {
+                Some((s, grid)) if *s == slot => grid.contains(poly, p),
+                _ => poly.contains(p),
+            },
+        }
+    }
+}
+
+/// Chooses the finest level where the fence covers few enough cells.
+fn place(levels: &[Level], shape: &Shape) -> Placement {
+    let (lat_lo, lat_hi, lon) = fence_bounds(shape);
+    let Some((lon_lo, lon_hi)) = lon else { return Placement::Global };
+    for (i, lv) in levels.iter().enumerate() {
+        let lat0 = lv.lat_cell(lat_lo - COVER_SLACK_DEG);
+        let lat1 = lv.lat_cell(lat_hi + COVER_SLACK_DEG);
+        let lon0 = lv.lon_cell(lon_lo - COVER_SLACK_DEG);
+        let lon1 = lv.lon_cell(lon_hi + COVER_SLACK_DEG);
+        let nlon = ((lon1 - lon0 + 1) as u64).min(lv.n_lon);
+        if (lat1 - lat0 + 1) * nlon <= MAX_CELLS_PER_FENCE {
+            return Placement::Grid { level: i as u8, lat0, lat1, lon0, nlon };
+        }
+    }
+    Placement::Global
+}

@@ -1,0 +1,360 @@
+//! The index against the brute force: seeded property tests over random fences and pings, and
+//! the edge cases of API.md rule 1 (radius ± 1 cm, vertices, edges, holes, ±180, poles).
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngSeed};
+use rand::Rng;
+
+use super::testdata::{self, brute_force, campaign, campaigns, Area};
+use super::{FenceIndex, Hit, LiveIndex};
+use crate::domain::geo::{Circle, LatLon, Polygon, Shape, EARTH_RADIUS_M};
+use crate::domain::Campaign;
+
+/// The point `d` metres from `c` along initial bearing `bearing` (radians), on the sphere.
+fn destination(c: LatLon, bearing: f64, d: f64) -> LatLon {
+    let (phi1, l1, delta) = (c.lat.to_radians(), c.lon.to_radians(), d / EARTH_RADIUS_M);
+    let phi2 = (phi1.sin() * delta.cos() + phi1.cos() * delta.sin() * bearing.cos()).asin();
+    let l2 = l1 + (bearing.sin() * delta.sin() * phi1.cos()).atan2(delta.cos() - phi1.sin() * phi2.sin());
+    LatLon { lat: phi2.to_degrees().clamp(-90.0, 90.0), lon: crate::domain::geo::wrap_lon(l2.to_degrees()) }
+}
+
+fn sorted(mut v: Vec<Hit>) -> Vec<Hit> {
+    v.sort_unstable();
+    v
+}
+
+/// Asserts the index answers exactly the brute force (and each hit once) at every ping.
+fn check_index(cs: &[Arc<Campaign>], pings: &[LatLon]) {
+    let index = FenceIndex::build(cs.to_vec());
+    let mut out = Vec::new();
+    for &p in pings {
+        out.clear();
+        index.matches(p, &mut out);
+        let got = sorted(out.clone());
+        let mut dedup = got.clone();
+        dedup.dedup();
+        assert_eq!(got, dedup, "duplicate hits at {p:?}");
+        assert_eq!(got, brute_force(cs, p), "at {p:?}");
+    }
+}
+
+/// Points that sit on or next to every fence's boundary: radius ± 1 cm and exactly at the radius
+/// for circles; vertices, edge midpoints and points just off edges for polygons (holes included).
+fn boundary_points(rng: &mut impl Rng, shapes: &[Shape]) -> Vec<LatLon> {
+    let mut out = Vec::new();
+    for s in shapes {
+        match s {
+            Shape::Circle(c) => {
+                for _ in 0..3 {
+                    let b = rng.gen_range(0.0..std::f64::consts::TAU);
+                    for d in [c.radius_m - 0.01, c.radius_m, c.radius_m + 0.01, 0.0] {
+                        out.push(destination(c.center, b, d.max(0.0)));
+                    }
+                }
+            }
+            Shape::Polygon(p) => {
+                let g = p.unwrapped();
+                for ring in std::iter::once(g.exterior()).chain(g.interiors()) {
+                    for l in ring.lines() {
+                        let t: f64 = rng.gen_range(0.0..1.0);
+                        let mid = (l.start.x + (l.end.x - l.start.x) * t, l.start.y + (l.end.y - l.start.y) * t);
+                        for (x, y) in [(l.start.x, l.start.y), mid, (mid.0 + 1e-9, mid.1), (mid.0, mid.1 - 1e-9)] {
+                            if let Some(q) = LatLon::new(y, crate::domain::geo::wrap_lon(x)) {
+                                out.push(q);
+                            }
+                        }
+                    }
+                }
+                out.push(p.anchor());
+            }
+        }
+    }
+    out
+}
+
+/// Random fences of a region kind: 0 city, 1 antimeridian, 2 north pole, 3 south pole, 4 world.
+fn region(kind: usize) -> (Area, (f64, f64), f64) {
+    // (area, circle radii in metres, polygon radius in degrees)
+    match kind {
+        0 => ((39.9, 40.0, 116.3, 116.45), (1.0, 3_000.0), 0.01),
+        1 => ((-1.0, 1.0, 179.0, 181.0), (1.0, 50_000.0), 0.3),
+        2 => ((87.0, 90.0, -180.0, 180.0), (1.0, 50_000.0), 0.5),
+        3 => ((-90.0, -87.0, -180.0, 180.0), (1.0, 50_000.0), 0.5),
+        _ => ((-80.0, 80.0, -180.0, 180.0), (1_000.0, 50_000.0), 2.0),
+    }
+}
+
+fn random_case(seed: u64, kind: usize) -> (Vec<Arc<Campaign>>, Vec<LatLon>) {
+    let (area, radii, prad) = region(kind);
+    let mut rng = testdata::rng(seed);
+    let wrap = |p: LatLon| LatLon { lat: p.lat, lon: crate::domain::geo::wrap_lon(p.lon) };
+    let mut shapes = Vec::new();
+    let (lo, hi) = (radii.0.ln(), radii.1.ln());
+    for _ in 0..rng.gen_range(20..120) {
+        let c = wrap(testdata::point(&mut rng, area));
+        if rng.gen_bool(0.7) {
+            shapes.push(Shape::Circle(Circle { center: c, radius_m: rng.gen_range(lo..=hi).exp() }));
+        } else {
+            let n = rng.gen_range(3..20);
+            let r = prad * rng.gen_range(0.05..1.0);
+            let hole = rng.gen_bool(0.4);
+            if let Some(p) = testdata::star_polygon(&mut rng, c, n, (r * 0.5, r), hole) {
+                shapes.push(Shape::Polygon(p));
+            }
+        }
+    }
+    let mut pings: Vec<LatLon> = (0..400).map(|_| wrap(testdata::point(&mut rng, area))).collect();
+    pings.extend(boundary_points(&mut rng, &shapes));
+    for lat in [area.0, area.1, 0.0, 89.999, 90.0, -90.0] {
+        for lon in [180.0, -180.0, 0.0] {
+            pings.push(LatLon { lat, lon });
+        }
+    }
+    let per = rng.gen_range(1..10);
+    (campaigns(shapes, per), pings)
+}
+
+proptest! {
+    #![proptest_config(Config { cases: 48, rng_seed: RngSeed::Fixed(0x006b_6162_616f), failure_persistence: None, ..Config::default() })]
+
+    #[test]
+    fn index_equals_brute_force(seed in any::<u64>(), kind in 0usize..5) {
+        let (cs, pings) = random_case(seed, kind);
+        check_index(&cs, &pings);
+    }
+}
+
+#[test]
+fn dense_city_equals_brute_force() {
+    let shapes = testdata::circles(1, 3_000, testdata::CITY, (50.0, 2_000.0));
+    let mut shapes2 = testdata::small_polygons(2, 300, testdata::CITY);
+    let mut rng = testdata::rng(3);
+    let mut pings = testdata::pings(4, 3_000, testdata::CITY);
+    pings.extend(boundary_points(&mut rng, &shapes[..300]));
+    pings.extend(boundary_points(&mut rng, &shapes2));
+    let mut all = shapes;
+    all.append(&mut shapes2);
+    check_index(&campaigns(all, 50), &pings);
+}
+
+#[test]
+fn circle_boundary_within_a_centimetre() {
+    let mut rng = testdata::rng(5);
+    let mut shapes = Vec::new();
+    for &r in &[1.0, 1.5, 10.0, 50.0, 777.0, 2_000.0, 20_000.0, 50_000.0] {
+        for &lat in &[0.0, 45.0, -60.0, 85.0, 89.9, -89.99] {
+            let lon = rng.gen_range(-180.0..180.0);
+            shapes.push(Shape::Circle(Circle { center: LatLon { lat, lon }, radius_m: r }));
+        }
+    }
+    let mut pings = Vec::new();
+    for _ in 0..20 {
+        pings.extend(boundary_points(&mut rng, &shapes));
+    }
+    check_index(&campaigns(shapes, 7), &pings);
+}
+
+#[test]
+fn circles_across_the_antimeridian_and_around_poles() {
+    let c = |lat: f64, lon: f64, r: f64| Shape::Circle(Circle { center: LatLon { lat, lon }, radius_m: r });
+    let shapes = vec![
+        c(10.0, 180.0, 5_000.0),
+        c(10.0, -179.99, 5_000.0),
+        c(89.9, 0.0, 50_000.0),
+        c(-89.8, 70.0, 50_000.0),
+        c(90.0, 0.0, 1.0),
+    ];
+    let cs = campaigns(shapes, 1);
+    let index = FenceIndex::build(cs.clone());
+    let mut out = Vec::new();
+    for (p, want) in [
+        (LatLon { lat: 10.0, lon: 180.0 }, 2),
+        (LatLon { lat: 10.0, lon: -180.0 }, 2),
+        (LatLon { lat: 10.0, lon: 179.98 }, 2),
+        (LatLon { lat: 90.0, lon: 123.0 }, 2),
+        (LatLon { lat: -90.0, lon: -5.0 }, 1),
+        (LatLon { lat: 89.6, lon: 0.0 }, 1),
+        (LatLon { lat: 89.6, lon: 180.0 }, 0),
+    ] {
+        out.clear();
+        index.matches(p, &mut out);
+        assert_eq!(out.len(), want, "{p:?}: {out:?}");
+    }
+    let mut pings = testdata::pings(6, 2_000, (88.0, 90.0, -180.0, 180.0));
+    pings.extend(testdata::pings(7, 2_000, (-90.0, -88.0, -180.0, 180.0)));
+    pings.extend(testdata::pings(8, 2_000, (9.9, 10.1, 179.8, 180.0)));
+    pings.extend(testdata::pings(9, 2_000, (9.9, 10.1, -180.0, -179.8)));
+    check_index(&cs, &pings);
+}
+
+#[test]
+fn polygon_across_the_antimeridian_with_a_hole() {
+    let ll = |lat, lon| LatLon { lat, lon };
+    let outer = vec![ll(-1.0, 179.0), ll(-1.0, -179.0), ll(1.0, -179.0), ll(1.0, 179.0), ll(-1.0, 179.0)];
+    let hole = vec![ll(-0.5, 179.5), ll(-0.5, -179.5), ll(0.5, -179.5), ll(0.5, 179.5), ll(-0.5, 179.5)];
+    let poly = Polygon::new(&[outer, hole]).expect("valid");
+    let cs = campaigns(vec![Shape::Polygon(poly)], 1);
+    let mut pings = testdata::pings(10, 5_000, (-1.2, 1.2, 178.8, 180.0));
+    pings.extend(testdata::pings(11, 5_000, (-1.2, 1.2, -180.0, -178.8)));
+    for lat in [-1.0, -0.5, 0.0, 0.5, 1.0] {
+        for lon in [179.0, 179.5, 180.0, -180.0, -179.5, -179.0] {
+            pings.push(ll(lat, lon));
+        }
+    }
+    check_index(&cs, &pings);
+    let index = FenceIndex::build(cs);
+    let mut out = Vec::new();
+    index.matches(ll(0.75, 180.0), &mut out);
+    index.matches(ll(0.75, -180.0), &mut out);
+    index.matches(ll(0.0, 180.0), &mut out);
+    assert_eq!(out.len(), 2, "{out:?}");
+}
+
+/// The shipped Beijing boundary (3 polygons, 4 037 vertices) against the brute force.
+#[test]
+fn beijing_boundary_equals_brute_force() {
+    let text = include_str!("../../data/polygons/beijing_municipality_boundary_osm.geojson");
+    let polys = testdata::geojson_polygons(text);
+    assert_eq!(polys.len(), 3);
+    let shapes: Vec<Shape> = polys.into_iter().map(Shape::Polygon).collect();
+    let mut rng = testdata::rng(12);
+    let mut pings = testdata::pings(13, 20_000, (39.1, 41.1, 115.4, 117.8));
+    pings.extend(boundary_points(&mut rng, &shapes));
+    check_index(&campaigns(shapes, 3), &pings);
+}
+
+#[test]
+fn empty_index_matches_nothing() {
+    let index = FenceIndex::build(Vec::new());
+    let mut out = Vec::new();
+    index.matches(LatLon { lat: 0.0, lon: 0.0 }, &mut out);
+    assert!(out.is_empty());
+    assert_eq!(index.fence_count(), 0);
+}
+
+/// The live index's hits, resolved to (campaign id, fence index), sorted.
+fn live_hits(index: &LiveIndex, p: LatLon) -> Vec<(String, u32)> {
+    let snap = index.snapshot();
+    let mut out = Vec::new();
+    snap.matches(p, &mut out);
+    let mut v: Vec<(String, u32)> = out.iter().map(|h| (snap.campaign(h.campaign).id.to_string(), h.fence)).collect();
+    v.sort();
+    v
+}
+
+/// The same, by brute force over a set of live campaigns.
+fn brute_hits(live: &[Arc<Campaign>], p: LatLon) -> Vec<(String, u32)> {
+    let mut v: Vec<(String, u32)> =
+        brute_force(live, p).iter().map(|h| (live[h.campaign as usize].id.to_string(), h.fence)).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn live_upsert_replace_remove_are_visible_at_once() {
+    let here = LatLon { lat: 40.0, lon: 116.4 };
+    let there = LatLon { lat: 41.0, lon: 116.4 };
+    let circle = |p: LatLon| Shape::Circle(Circle { center: p, radius_m: 100.0 });
+    let index = LiveIndex::new(vec![Arc::new(campaign("a", vec![circle(here)]))]);
+    assert_eq!(live_hits(&index, here), vec![("a".into(), 0)]);
+
+    index.upsert(Arc::new(campaign("b", vec![circle(here), circle(there)])));
+    assert_eq!(live_hits(&index, here), vec![("a".into(), 0), ("b".into(), 0)]);
+    assert_eq!(index.snapshot().fence_count(), 3);
+
+    // Replacing "a" moves its fence: the old one is gone at once.
+    index.upsert(Arc::new(campaign("a", vec![circle(there)])));
+    assert_eq!(live_hits(&index, here), vec![("b".into(), 0)]);
+    assert_eq!(live_hits(&index, there), vec![("a".into(), 0), ("b".into(), 1)]);
+
+    let a = crate::domain::CampaignId::parse("id", "a").expect("valid");
+    assert!(index.remove(&a));
+    assert!(!index.remove(&a));
+    assert_eq!(live_hits(&index, there), vec![("b".into(), 1)]);
+    assert_eq!(index.snapshot().campaign_count(), 1);
+
+    index.rebuild_now();
+    assert_eq!(live_hits(&index, there), vec![("b".into(), 1)]);
+    assert_eq!(live_hits(&index, here), vec![("b".into(), 0)]);
+    assert_eq!(index.snapshot().fence_count(), 2);
+}
+
+/// Random upserts and removes, with rebuilds (explicit and background), against the brute force
+/// over the campaigns that should be live.
+#[test]
+fn live_random_writes_equal_brute_force() {
+    let area = (39.9, 40.0, 116.3, 116.45);
+    let mut rng = testdata::rng(14);
+    let index = LiveIndex::with_rebuild_after(Vec::new(), 40);
+    let mut live: std::collections::BTreeMap<String, Arc<Campaign>> = Default::default();
+    let pings = testdata::pings(15, 200, area);
+    for step in 0..300 {
+        let id = format!("c{}", rng.gen_range(0..30));
+        if rng.gen_bool(0.25) {
+            let removed = index.remove(&crate::domain::CampaignId::parse("id", &id).expect("valid"));
+            assert_eq!(removed, live.remove(&id).is_some());
+        } else {
+            let n = rng.gen_range(0..6);
+            let shapes = testdata::circles(rng.gen(), n, area, (50.0, 3_000.0));
+            let c = Arc::new(campaign(&id, shapes));
+            live.insert(id, Arc::clone(&c));
+            index.upsert(c);
+        }
+        if step % 97 == 0 {
+            index.rebuild_now();
+        }
+        let now: Vec<Arc<Campaign>> = live.values().cloned().collect();
+        assert_eq!(index.snapshot().campaign_count(), now.len());
+        for &p in &pings[..20] {
+            assert_eq!(live_hits(&index, p), brute_hits(&now, p), "step {step}");
+        }
+    }
+    let now: Vec<Arc<Campaign>> = live.values().cloned().collect();
+    for &p in &pings {
+        assert_eq!(live_hits(&index, p), brute_hits(&now, p));
+    }
+}
+
+/// A matcher running while campaigns are replaced sees, in every snapshot, either the old or the
+/// new version of each campaign, never both or neither.
+#[test]
+fn concurrent_matcher_never_sees_a_torn_state() {
+    let here = LatLon { lat: 40.0, lon: 116.4 };
+    let circle = Shape::Circle(Circle { center: here, radius_m: 100.0 });
+    let index = LiveIndex::with_rebuild_after(Vec::new(), 8);
+    for k in 0..10 {
+        index.upsert(Arc::new(campaign(&format!("c{k}"), vec![circle.clone()])));
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (index, stop) = (index.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let mut seen = 0u64;
+            loop {
+                let done = stop.load(std::sync::atomic::Ordering::Relaxed);
+                let snap = index.snapshot();
+                out.clear();
+                snap.matches(here, &mut out);
+                let mut ids: Vec<String> = out.iter().map(|h| snap.campaign(h.campaign).id.to_string()).collect();
+                ids.sort();
+                let want: Vec<String> =
+                    (0..10).map(|k| format!("c{k}")).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+                assert_eq!(ids, want);
+                assert_eq!(snap.campaign_count(), 10);
+                seen += 1;
+                if done {
+                    break seen;
+                }
+            }
+        })
+    };
+    for round in 0..200 {
+        let k = round % 10;
+        index.upsert(Arc::new(campaign(&format!("c{k}"), vec![circle.clone()])));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(reader.join().expect("reader thread") > 0);
+}
