@@ -30,3 +30,4 @@
 pub mod domain;
 pub mod spatial;
 pub mod store;
+pub mod trigger;

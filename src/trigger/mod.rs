@@ -1,0 +1,183 @@
+//! The trigger rules of API.md (rules 0, 2, 3 and 5 and their "Edges, precisely"): per-user,
+//! per-(campaign, fence) stay state, turning the fences a ping falls in into candidates.
+//!
+//! Pure: no I/O, no clock. Every rule runs in event time (`ts_ms`); the only server-clock input is
+//! the `now_ms` handed to [`TriggerEngine::evict_idle`]. What rule 4 decides (schedule, status,
+//! caps, audience) is not looked at here: the caller filters candidates with
+//! [`Campaign::is_issuing_at`] and the store.
+//!
+//! State lives in [`SHARDS`] independently locked hash maps keyed by user, so pings of different
+//! users rarely contend. Callers apply each user's pings in `ts_ms` order; a ping older than the
+//! user's newest applied one is [`IgnoreReason::Stale`] whatever order it arrives in.
+
+mod state;
+
+#[cfg(test)]
+mod model_tests;
+#[cfg(test)]
+mod testkit;
+#[cfg(test)]
+mod tests;
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use rustc_hash::{FxBuildHasher, FxHashMap};
+
+use crate::domain::{Campaign, Fence, FenceId, Ping, UserId};
+
+use state::UserState;
+
+/// How many independently locked maps user state is spread over (a power of two).
+pub const SHARDS: usize = 64;
+
+/// The settings of API.md's configuration table that the trigger rules read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TriggerConfig {
+    /// A gap of more than this many seconds between two applied pings of a user forgets every
+    /// stay of the user and skips the speed check (exactly this many does not).
+    pub state_ttl_s: u64,
+    /// Pings whose `accuracy_m` is over this are ignored as [`IgnoreReason::Inaccurate`].
+    pub max_accuracy_m: f64,
+    /// Rule 0's bound in metres per second; `0` (or less) turns the check off.
+    pub max_speed_mps: f64,
+}
+
+/// Why a valid ping was not applied. When several hold, the first in declaration order is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IgnoreReason {
+    /// Strictly older than the user's newest applied ping.
+    Stale,
+    /// The phone reported a mock location provider.
+    Mocked,
+    /// `accuracy_m` over the global `max_accuracy_m`.
+    Inaccurate,
+    /// Faster than `max_speed_mps` from the user's previous applied ping.
+    ImplausibleSpeed,
+}
+
+impl IgnoreReason {
+    /// The wire spelling (the reply's `ignored[].reason`, the metrics label).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            IgnoreReason::Stale => "stale",
+            IgnoreReason::Mocked => "mocked",
+            IgnoreReason::Inaccurate => "inaccurate",
+            IgnoreReason::ImplausibleSpeed => "implausible_speed",
+        }
+    }
+}
+
+/// One fence containing the ping, resolved to its campaign (what the spatial index found).
+#[derive(Debug, Clone, Copy)]
+pub struct FenceHit<'a> {
+    /// The campaign the fence belongs to, as of the index snapshot that matched the ping.
+    pub campaign: &'a Arc<Campaign>,
+    /// The fence, one of `campaign.fences`.
+    pub fence: &'a Fence,
+}
+
+/// A campaign that may issue a coupon at this ping (rule 3), before rule 4 is checked.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// The campaign, as matched.
+    pub campaign: Arc<Campaign>,
+    /// The nearest of the campaign's fences that gave a candidate at this ping (rule 5).
+    pub fence_id: FenceId,
+    /// Haversine distance from the ping to that fence's anchor, metres.
+    pub distance_m: f64,
+}
+
+/// What [`TriggerEngine::apply`] did with a ping.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Not applied; no state changed.
+    Ignored(IgnoreReason),
+    /// Applied. At most one candidate per campaign, in ascending campaign id order.
+    Applied {
+        /// Campaigns due a coupon at this ping, each already used up for its stay.
+        candidates: Vec<Candidate>,
+    },
+}
+
+/// Per-user trigger state for every user, sharded by user id.
+pub struct TriggerEngine {
+    config: TriggerConfig,
+    /// `SHARDS` maps; a user always lives in the same one.
+    shards: Box<[Mutex<FxHashMap<UserId, UserState>>]>,
+}
+
+impl std::fmt::Debug for TriggerEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TriggerEngine").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl TriggerEngine {
+    /// An engine that knows no user yet.
+    pub fn new(config: TriggerConfig) -> Self {
+        let shards = (0..SHARDS).map(|_| Mutex::new(FxHashMap::default())).collect();
+        Self { config, shards }
+    }
+
+    /// The settings the engine runs with.
+    pub fn config(&self) -> &TriggerConfig {
+        &self.config
+    }
+
+    fn shard(&self, user: &UserId) -> &Mutex<FxHashMap<UserId, UserState>> {
+        // The high bits of an Fx hash are the well-mixed ones.
+        let index = (FxBuildHasher.hash_one(user) >> 32) as usize & (SHARDS - 1);
+        &self.shards[index]
+    }
+
+    /// Applies one ping of one user given every fence containing it (`hits`; duplicates are
+    /// harmless). Callers apply each user's pings in `ts_ms` order.
+    ///
+    /// Marks each returned candidate used up for its stay, whether or not the store later issues
+    /// it (API.md: a refused candidate is not retried until the next stay).
+    pub fn apply(&self, ping: &Ping, hits: &[FenceHit<'_>]) -> Outcome {
+        let mut users = self.shard(&ping.user_id).lock();
+        match users.get_mut(&ping.user_id) {
+            Some(user) => user.apply(&self.config, ping, hits),
+            None => {
+                let mut user = UserState::default();
+                let outcome = user.apply(&self.config, ping, hits);
+                // An ignored first ping leaves no trace (ignored pings change no state).
+                if matches!(outcome, Outcome::Applied { .. }) {
+                    users.insert(ping.user_id.clone(), user);
+                }
+                outcome
+            }
+        }
+    }
+
+    /// Frees users whose newest applied ping is more than `idle_ms` older than the server clock
+    /// `now_ms`; returns how many. With `idle_ms` ≥ `max_ping_age_s + state_ttl_s` (plus the
+    /// 60 s of allowed clock skew) this forgets nothing that could still matter: any ping the
+    /// user can still send is more than `state_ttl_s` after the forgotten one, which forgets the
+    /// stays and skips the speed check anyway, and cannot be stale against it.
+    pub fn evict_idle(&self, now_ms: i64, idle_ms: i64) -> usize {
+        let mut freed = 0;
+        for shard in self.shards.iter() {
+            let mut users = shard.lock();
+            let before = users.len();
+            users.retain(|_, user| now_ms.saturating_sub(user.newest_ts_ms()) <= idle_ms);
+            freed += before - users.len();
+        }
+        freed
+    }
+
+    /// Forgets everything about one user (used when candidates were used up but the store failed,
+    /// so that a retry of the request detects them again); `true` when the user was known.
+    pub fn forget(&self, user: &UserId) -> bool {
+        self.shard(user).lock().remove(user).is_some()
+    }
+
+    /// How many users have state.
+    pub fn user_count(&self) -> usize {
+        self.shards.iter().map(|shard| shard.lock().len()).sum()
+    }
+}

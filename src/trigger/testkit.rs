@@ -1,0 +1,84 @@
+//! Builders shared by the trigger tests: campaigns of circle fences placed in metres around one
+//! origin, pings at such places, and brute-force hits (every fence whose shape contains the ping).
+
+use std::sync::Arc;
+
+use crate::domain::{
+    Campaign, CampaignId, Caps, Circle, CouponTemplate, Fence, FenceId, LatLon, Ping, Shape, Status, Trigger, UserId,
+};
+
+use super::{FenceHit, Outcome};
+
+/// Origin of the test geometry (Shenzhen), degrees.
+const ORIGIN: (f64, f64) = (22.5, 114.0);
+/// Metres per degree of latitude on the contract's sphere.
+const M_PER_DEG: f64 = 6_371_008.8 * std::f64::consts::PI / 180.0;
+
+/// A place `north` and `east` metres from the origin.
+pub fn at(north: f64, east: f64) -> LatLon {
+    let lat = ORIGIN.0 + north / M_PER_DEG;
+    let lon = ORIGIN.1 + east / (M_PER_DEG * ORIGIN.0.to_radians().cos());
+    LatLon::new(lat, lon).expect("test positions are in range")
+}
+
+/// A circle fence `radius_m` around (`north`, `east`).
+pub fn fence(id: &str, north: f64, east: f64, radius_m: f64) -> Fence {
+    Fence {
+        id: FenceId::parse("id", id).expect("valid fence id"),
+        shape: Shape::Circle(Circle { center: at(north, east), radius_m }),
+        rings: None,
+    }
+}
+
+/// An active campaign of revision 1 with these fences.
+pub fn campaign(id: &str, trigger: Trigger, fences: Vec<Fence>) -> Campaign {
+    Campaign {
+        id: CampaignId::parse("id", id).expect("valid campaign id"),
+        name: None,
+        merchant: None,
+        coupon: CouponTemplate { title: "t".into(), body: None, deep_link: None, image_url: None, valid_for_s: None },
+        fences,
+        trigger,
+        schedule: None,
+        caps: Caps::default(),
+        caps_given: false,
+        audience_tags: Vec::new(),
+        audience_given: false,
+        max_accuracy_m: None,
+        status: Status::Active,
+        revision: 1,
+    }
+}
+
+/// A ping of `user` at `place` and `ts_ms`, accurate, not mocked.
+pub fn ping(user: &str, place: LatLon, ts_ms: i64) -> Ping {
+    Ping {
+        user_id: UserId::parse("user_id", user).expect("valid user id"),
+        at: place,
+        ts_ms,
+        accuracy_m: None,
+        speed_mps: None,
+        mocked: false,
+    }
+}
+
+/// Every fence of `campaigns` containing the ping, in campaign then fence order.
+pub fn hits_of<'a>(campaigns: &'a [Arc<Campaign>], place: LatLon) -> Vec<FenceHit<'a>> {
+    campaigns
+        .iter()
+        .flat_map(|campaign| {
+            campaign.fences.iter().filter(|f| f.shape.contains(place)).map(move |fence| FenceHit { campaign, fence })
+        })
+        .collect()
+}
+
+/// A one-line summary of an outcome: the ignore reason, or `campaign:fence` per candidate
+/// separated by spaces (empty when applied without candidates).
+pub fn summary(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Ignored(reason) => reason.as_str().to_owned(),
+        Outcome::Applied { candidates } => {
+            candidates.iter().map(|c| format!("{}:{}", c.campaign.id, c.fence_id)).collect::<Vec<_>>().join(" ")
+        }
+    }
+}
