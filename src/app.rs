@@ -1,0 +1,153 @@
+//! Startup and shutdown: [`Application::build`] wires store, engine, push dispatcher and router
+//! and binds the listener (so `127.0.0.1:0` gives a known port before serving);
+//! [`Application::run_until_stopped`] serves until a shutdown future resolves, then stops
+//! accepting and gives requests in flight a deadline to finish.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, PushProviderKind};
+use crate::dispatch::{log::LogProvider, run_dispatcher, PushProvider};
+use crate::engine::Engine;
+use crate::http::{router, AppState};
+use crate::store::memory::MemoryStore;
+use crate::store::Store;
+
+/// A kabao server, bound and ready to serve.
+pub struct Application {
+    /// The bound socket; taken by `run_until_stopped`.
+    listener: TcpListener,
+    /// The address actually bound (the port chosen when 0 was asked).
+    local_addr: SocketAddr,
+    /// The routes with their state.
+    router: axum::Router,
+    /// The engine, for embedding programs and tests that look inside.
+    engine: Arc<Engine>,
+    /// Cancelled on shutdown; background tasks watch it.
+    shutdown: CancellationToken,
+    /// Background tasks (the dispatcher), awaited on shutdown.
+    tasks: TaskTracker,
+    /// Requests in flight get this long after shutdown starts.
+    grace: Duration,
+}
+
+impl Application {
+    /// Builds the embedded default (in-memory store, `log` push provider) and binds `config.listen`.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        tracing::info!(store = "memory", "store: in-memory (one node; data lasts as long as the process)");
+        Self::build_with_store(config, store).await
+    }
+
+    /// Builds a server over `store` and binds `config.listen`.
+    pub async fn build_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+        let engine = Engine::start(store.clone(), config.engine.clone()).await.context("loading campaigns")?;
+        let provider: Arc<dyn PushProvider> = match config.push_provider {
+            PushProviderKind::Log => Arc::new(LogProvider),
+        };
+        tracing::info!(push_provider = provider.name(), "push provider");
+
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(run_dispatcher(store, provider, engine.issued_notify(), shutdown.clone()));
+
+        let listener = TcpListener::bind(&config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+        let local_addr = listener.local_addr().context("reading the bound address")?;
+        let router = router(AppState::new(engine.clone(), &config));
+        Ok(Self { listener, local_addr, router, engine, shutdown, tasks, grace: config.shutdown_grace })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.local_addr.port()
+    }
+
+    /// The engine behind the server.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Serves until `signal` resolves; then stops accepting, lets requests in flight finish for
+    /// up to the grace period, and stops the background tasks.
+    pub async fn run_until_stopped(self, signal: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Self { listener, router, shutdown, tasks, grace, .. } = self;
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            signal.await;
+            tracing::info!("shutting down: no new connections; draining requests in flight");
+            stop.cancel();
+        });
+        let draining = shutdown.clone();
+        let serve = axum::serve(listener, router).with_graceful_shutdown(async move { draining.cancelled().await });
+        tokio::select! {
+            result = serve => result.context("serving")?,
+            _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(grace_s = grace.as_secs(), "requests still in flight at the shutdown deadline; dropping them");
+            }
+        }
+        shutdown.cancel();
+        tasks.close();
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+            tracing::warn!("background tasks did not stop in time");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM (what `docker stop` and Kubernetes send).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}
+
+/// Runs `kabao serve` with a resolved config: announces the port and a generated admin token,
+/// then serves until Ctrl-C or SIGTERM.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let generated_token = config.admin_token_generated.then(|| config.admin_token.clone());
+    if config.client_secret_generated {
+        tracing::warn!("no client secret configured; generated one, so only tokens minted by this process verify");
+    }
+    let app = Application::build(config).await?;
+    if let Some(token) = generated_token {
+        // API.md: generated and printed once. Printed to stdout, never logged.
+        println!("kabao admin token (generated; set KABAO_ADMIN_TOKEN to choose one): {}", token.expose());
+    }
+    println!("kabao listening on http://{}", app.local_addr());
+    tracing::info!(addr = %app.local_addr(), "listening");
+    app.run_until_stopped(shutdown_signal()).await
+}

@@ -1,0 +1,243 @@
+//! `POST /v1/pings`: one ping, or `{"pings": [...]}` with up to 10 000.
+//!
+//! Each item is parsed and validated on its own, so a batch processes its good items whatever
+//! the bad ones (listed in `rejected` by index, with the error object). Only valid pings reach
+//! the engine; its report's positions are mapped back to the request's array indexes here.
+
+use axum::extract::{Request, State};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use utoipa::ToSchema;
+
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody, ErrorObject};
+use super::{body_bytes, AppState};
+use crate::domain::error::classify;
+use crate::domain::{InputError, Ping, PingClock, PingInput};
+use crate::engine::now_ms;
+use crate::store::IssuedCoupon;
+
+/// Most pings one request may carry.
+pub const MAX_BATCH: usize = 10_000;
+
+/// The reply to `POST /v1/pings`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PingsReply {
+    /// Valid pings of the request, ignored ones included.
+    pub accepted: usize,
+    /// Invalid items; they count as nothing.
+    pub rejected: Vec<Rejected>,
+    /// Valid pings the rules did not apply.
+    pub ignored: Vec<Ignored>,
+    /// Coupons this request issued, in any order.
+    pub events: Vec<Event>,
+}
+
+/// An invalid item of a batch.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Rejected {
+    /// Its index in `pings`.
+    pub index: usize,
+    /// Why, as a failed request would say it.
+    pub error: ErrorObject,
+}
+
+/// A valid ping the rules did not apply.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Ignored {
+    /// Its index in `pings` (0 for a single ping).
+    pub index: usize,
+    /// `stale`, `mocked`, `inaccurate` or `implausible_speed`.
+    #[schema(value_type = String)]
+    pub reason: &'static str,
+}
+
+/// A coupon issued by this request.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Event {
+    /// Always `coupon_issued`.
+    #[serde(rename = "type")]
+    #[schema(value_type = String)]
+    pub kind: &'static str,
+    /// Deterministic coupon id (a retry yields the same one).
+    pub coupon_id: String,
+    /// The holder.
+    pub user_id: String,
+    /// The issuing campaign.
+    pub campaign_id: String,
+    /// The nearest fence that gave the candidate.
+    pub fence_id: String,
+    /// The triggering ping's `ts_ms`.
+    pub ts_ms: i64,
+    /// `ts_ms + valid_for_s × 1000`; `null` when the coupon never expires.
+    pub expires_at_ms: Option<i64>,
+    /// What the phone shows.
+    pub coupon: EventCoupon,
+}
+
+/// The campaign coupon's texts, as an event carries them.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventCoupon {
+    /// Headline.
+    pub title: String,
+    /// Body text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// Link the notification opens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deep_link: Option<String>,
+    /// Picture.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_url: Option<String>,
+}
+
+impl From<IssuedCoupon> for Event {
+    fn from(c: IssuedCoupon) -> Self {
+        Event {
+            kind: "coupon_issued",
+            coupon_id: c.coupon_id.to_string(),
+            user_id: c.user_id.to_string(),
+            campaign_id: c.campaign_id.to_string(),
+            fence_id: c.fence_id.to_string(),
+            ts_ms: c.issued_at_ms,
+            expires_at_ms: c.expires_at_ms,
+            coupon: EventCoupon { title: c.title, body: c.body, deep_link: c.deep_link, image_url: c.image_url },
+        }
+    }
+}
+
+/// The top level of a pings body, read only far enough to tell a batch from a single ping.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    pings: Option<&'a RawValue>,
+}
+
+fn parse_item(json: &str, clock: PingClock) -> Result<Ping, InputError> {
+    let mut de = serde_json::Deserializer::from_str(json);
+    let input: PingInput = serde_path_to_error::deserialize(&mut de).map_err(classify)?;
+    de.end().map_err(|e| InputError::Malformed { message: e.to_string(), field: None })?;
+    Ok(input.validate(clock)?)
+}
+
+/// What the body held, parsed and validated item by item.
+struct Parsed {
+    /// Valid pings and their request index.
+    valid: Vec<(usize, Ping)>,
+    /// Invalid items of a batch.
+    rejected: Vec<Rejected>,
+}
+
+fn parse_body(bytes: &[u8], clock: PingClock) -> Result<Parsed, ApiError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| ApiError::Malformed { message: "the body is not UTF-8".into(), field: None })?;
+    if !text.trim_start().starts_with('{') {
+        return Err(ApiError::Malformed {
+            message: "the body must be a ping object or {\"pings\": [...]}".into(),
+            field: None,
+        });
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    let envelope: Envelope<'_> = serde_path_to_error::deserialize(&mut de).map_err(classify)?;
+    de.end().map_err(|e| ApiError::Malformed { message: e.to_string(), field: None })?;
+    let Some(batch) = envelope.pings else {
+        // A single ping: an invalid one fails the request.
+        let ping = parse_item(text, clock)?;
+        return Ok(Parsed { valid: vec![(0, ping)], rejected: Vec::new() });
+    };
+    let items: Vec<&RawValue> = serde_json::from_str(batch.get()).map_err(|e| ApiError::Malformed {
+        message: format!("pings must be a list: {e}"),
+        field: Some("pings".into()),
+    })?;
+    if items.len() > MAX_BATCH {
+        return Err(ApiError::invalid(
+            "pings",
+            format!("holds {} pings; at most {MAX_BATCH} per request", items.len()),
+        ));
+    }
+    let mut parsed = Parsed { valid: Vec::with_capacity(items.len()), rejected: Vec::new() };
+    for (index, item) in items.iter().enumerate() {
+        match parse_item(item.get(), clock) {
+            Ok(ping) => parsed.valid.push((index, ping)),
+            Err(e) => {
+                let error = ApiError::from(e.within(&format!("pings[{index}]"))).body();
+                parsed.rejected.push(Rejected { index, error });
+            }
+        }
+    }
+    Ok(parsed)
+}
+
+/// Ingest location pings.
+#[utoipa::path(post, path = "/v1/pings", tag = "pings",
+    request_body(content = Object, description = "One ping `{user_id, lat, lon, ts_ms?, accuracy_m?, speed_mps?, mocked?}` \
+        or `{\"pings\": [...]}` with up to 10 000"),
+    responses((status = 200, body = PingsReply),
+        (status = 400, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all, fields(pings))]
+pub async fn ingest(
+    caller: Caller,
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Json<PingsReply>, ApiError> {
+    let bytes = body_bytes(request, &state).await?;
+    let engine = &state.engine;
+    let Parsed { valid, rejected } = parse_body(&bytes, engine.ping_clock(now_ms()))?;
+    tracing::Span::current().record("pings", valid.len() + rejected.len());
+    // A client may send only its own pings; a batch mixing users needs the admin token.
+    if valid.iter().any(|(_, p)| caller.may_act_for(p.user_id.as_str()).is_err()) {
+        return Err(ApiError::Forbidden("this token may only send pings of its own user"));
+    }
+    metrics::counter!("kabao_pings_rejected_total").increment(rejected.len() as u64);
+    metrics::counter!("kabao_pings_accepted_total").increment(valid.len() as u64);
+
+    let accepted = valid.len();
+    let (indexes, pings): (Vec<usize>, Vec<Ping>) = valid.into_iter().unzip();
+    let report = engine.ingest(pings).await?;
+    let mut ignored: Vec<Ignored> = report
+        .ignored
+        .into_iter()
+        .map(|(position, reason)| Ignored { index: indexes[position], reason: reason.as_str() })
+        .collect();
+    ignored.sort_by_key(|i| i.index);
+    let events = report.events.into_iter().map(Event::from).collect();
+    Ok(Json(PingsReply { accepted, rejected, ignored, events }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLOCK: PingClock = PingClock { now_ms: 1_700_000_000_000, max_age_s: 86_400 };
+
+    #[test]
+    fn a_single_ping_and_a_batch() {
+        let one = parse_body(br#"{"user_id":"u","lat":1,"lon":2}"#, CLOCK).ok().unwrap();
+        assert_eq!(one.valid.len(), 1);
+        let batch =
+            parse_body(br#"{"pings":[{"user_id":"u","lat":1,"lon":2},{"user_id":"u","lat":"x","lon":2},{"user_id":"u","lat":91,"lon":2}]}"#, CLOCK)
+                .ok()
+                .unwrap();
+        assert_eq!(batch.valid.iter().map(|v| v.0).collect::<Vec<_>>(), [0]);
+        let fields: Vec<_> = batch.rejected.iter().map(|r| (r.index, r.error.code, r.error.field.clone())).collect();
+        assert_eq!(fields[0].0, 1);
+        assert_eq!(fields[0].1, "malformed_json");
+        assert_eq!(fields[1], (2, "invalid_field", Some("pings[2].lat".into())));
+    }
+
+    #[test]
+    fn bad_shapes() {
+        for body in [&b"[]"[..], b"", b"nope", br#"{"pings":{}}"#, br#"{"pings":[1]"#] {
+            assert!(matches!(parse_body(body, CLOCK), Err(ApiError::Malformed { .. })), "{body:?}");
+        }
+        let many = format!("{{\"pings\":[{}]}}", vec!["{}"; MAX_BATCH + 1].join(","));
+        match parse_body(many.as_bytes(), CLOCK) {
+            Err(ApiError::Invalid(e)) => assert_eq!(e.field, "pings"),
+            _ => panic!("expected a 422 on pings"),
+        }
+    }
+}
