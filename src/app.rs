@@ -151,3 +151,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(addr = %app.local_addr(), "listening");
     app.run_until_stopped(shutdown_signal()).await
 }
+
+/// Runs `kabao demo`: an embedded server on a free loopback port, driven by the demo's simulated
+/// shoppers through the real HTTP API, stopped when the demo is done.
+pub async fn demo(args: crate::demo::DemoArgs) -> anyhow::Result<()> {
+    let config = Config::embedded();
+    let admin_token = config.admin_token.expose().to_owned();
+    let app = Application::build(config).await?;
+    let server = crate::demo::DemoServer { base_url: format!("http://{}", app.local_addr()), admin_token };
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    let running = tokio::spawn(app.run_until_stopped(async move { stopped.cancelled().await }));
+    let result = crate::demo::run(args, server).await;
+    stop.cancel();
+    running.await.context("server task")??;
+    result
+}

@@ -28,9 +28,13 @@ pub struct Cli {
 
 /// The subcommands of `kabao`.
 #[derive(Debug, Subcommand)]
+// Parsed once per process; boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Serve the HTTP API.
     Serve(ServeArgs),
+    /// Run a complete kabao in one process, fed by simulated shoppers (see `kabao::demo`).
+    Demo(crate::demo::DemoArgs),
 }
 
 /// Where issued coupons are pushed.
@@ -175,14 +179,19 @@ pub struct Config {
 }
 
 impl Config {
-    /// A configuration for tests and embedding: `127.0.0.1:0`, API.md's defaults, the given
-    /// secrets.
+    /// A configuration for tests: `127.0.0.1:0`, API.md's defaults, the given secrets.
     pub fn for_tests(admin_token: &str, client_secret: &str) -> Self {
+        Self { admin_token: Secret::new(admin_token), client_secret: Secret::new(client_secret), ..Self::embedded() }
+    }
+
+    /// A configuration for a server embedded in another program (`kabao demo`): `127.0.0.1:0`,
+    /// API.md's defaults, generated secrets.
+    pub fn embedded() -> Self {
         Self {
             listen: "127.0.0.1:0".into(),
-            admin_token: Secret::new(admin_token),
+            admin_token: Secret::generate(),
             admin_token_generated: false,
-            client_secret: Secret::new(client_secret),
+            client_secret: Secret::generate(),
             client_secret_generated: false,
             engine: EngineConfig::default(),
             push_provider: PushProviderKind::Log,
@@ -314,6 +323,7 @@ mod tests {
         argv.extend_from_slice(list);
         match Cli::try_parse_from(argv).expect("parses").command {
             Command::Serve(a) => a,
+            other => panic!("expected serve, got {other:?}"),
         }
     }
 

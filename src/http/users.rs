@@ -1,7 +1,7 @@
 //! `/v1/users/{user_id}/...`: a user's devices and wallet. The admin, or a client acting for
 //! that user.
 
-use axum::extract::State;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -82,10 +82,12 @@ pub async fn put_device(
     caller: Caller,
     State(state): State<AppState>,
     PathParams(ids): PathParams<(String, String)>,
-    JsonBody(input): JsonBody<DeviceInput>,
+    request: Request,
 ) -> Result<Json<Device>, ApiError> {
     let (user, device) = ids;
+    // Who may act for this user is decided before the body is read.
     caller.may_act_for(&user)?;
+    let JsonBody(input) = JsonBody::<DeviceInput>::from_request(request, &state).await?;
     let user = UserId::parse("user_id", &user)?;
     let device = DeviceId::parse("device_id", &device)?;
     let value = input.validate()?;
