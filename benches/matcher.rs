@@ -134,6 +134,16 @@ fn case(c: &mut Criterion, name: &str, shapes: Vec<Shape>, area: Area, with_base
             black_box(total)
         })
     });
+    let (mut many, mut ends) = (Vec::with_capacity(hits + 1024), Vec::with_capacity(PINGS));
+    g.bench_function("kabao_batch", |b| {
+        b.iter(|| {
+            many.clear();
+            ends.clear();
+            index.matches_many(&pings, &mut many, &mut ends);
+            assert_eq!((many.len(), ends.len()), (hits, PINGS));
+            black_box(many.len())
+        })
+    });
     if with_baseline {
         g.bench_function("rstar_baseline", |b| {
             b.iter(|| {

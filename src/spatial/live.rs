@@ -60,6 +60,29 @@ impl Snapshot {
         }
     }
 
+    /// Matches many pings; afterwards the hits of `pings[i]` are `out[ends[i - 1]..ends[i]]`, as
+    /// [`FenceIndex::matches_many`] (faster per ping than [`Snapshot::matches`]).
+    pub fn matches_many(&self, pings: &[LatLon], out: &mut Vec<Hit>, ends: &mut Vec<usize>) {
+        if self.dead.is_empty() && self.overlay.fence_count() == 0 {
+            self.base.matches_many(pings, out, ends);
+            return;
+        }
+        let (mut base_hits, mut base_ends) = (Vec::new(), Vec::with_capacity(pings.len()));
+        self.base.matches_many(pings, &mut base_hits, &mut base_ends);
+        let shift = self.base.campaigns().len() as u32;
+        let mut from = 0;
+        for (&p, &end) in pings.iter().zip(&base_ends) {
+            out.extend(base_hits[from..end].iter().filter(|h| !self.dead.contains(&h.campaign)));
+            from = end;
+            let mid = out.len();
+            self.overlay.matches(p, out);
+            for h in &mut out[mid..] {
+                h.campaign += shift;
+            }
+            ends.push(out.len());
+        }
+    }
+
     /// The campaign behind a hit's `campaign` slot.
     pub fn campaign(&self, slot: u32) -> &Arc<Campaign> {
         let nb = self.base.campaigns().len() as u32;

@@ -38,6 +38,15 @@ fn check_index(cs: &[Arc<Campaign>], pings: &[LatLon]) {
         assert_eq!(got, dedup, "duplicate hits at {p:?}");
         assert_eq!(got, brute_force(cs, p), "at {p:?}");
     }
+    // The batch path answers the same, ping by ping.
+    let (mut many, mut ends) = (vec![Hit { campaign: u32::MAX, fence: 0 }], Vec::new());
+    index.matches_many(pings, &mut many, &mut ends);
+    assert_eq!(ends.len(), pings.len());
+    let mut from = 1;
+    for (&p, &end) in pings.iter().zip(&ends) {
+        assert_eq!(sorted(many[from..end].to_vec()), brute_force(cs, p), "batch at {p:?}");
+        from = end;
+    }
 }
 
 /// Points that sit on or next to every fence's boundary: radius ± 1 cm and exactly at the radius
@@ -241,6 +250,13 @@ fn live_hits(index: &LiveIndex, p: LatLon) -> Vec<(String, u32)> {
     snap.matches(p, &mut out);
     let mut v: Vec<(String, u32)> = out.iter().map(|h| (snap.campaign(h.campaign).id.to_string(), h.fence)).collect();
     v.sort();
+    let (mut many, mut ends) = (Vec::new(), Vec::new());
+    snap.matches_many(&[p, p], &mut many, &mut ends);
+    assert_eq!(ends.len(), 2);
+    let mut w: Vec<(String, u32)> =
+        many[ends[0]..ends[1]].iter().map(|h| (snap.campaign(h.campaign).id.to_string(), h.fence)).collect();
+    w.sort();
+    assert_eq!(v, w, "matches_many differs from matches");
     v
 }
 
