@@ -357,3 +357,45 @@ impl Store for MemoryStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::MemoryStore;
+    use crate::store::{contract, Store};
+
+    fn store() -> Arc<dyn Store> {
+        Arc::new(MemoryStore::new())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn passes_the_whole_contract_suite_on_one_store() {
+        contract::store_contract_suite(store()).await;
+    }
+
+    macro_rules! sections {
+        ($($section:ident),* $(,)?) => {$(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $section() {
+                contract::$section(&store()).await;
+            }
+        )*};
+    }
+
+    sections!(
+        campaigns_crud,
+        stats_and_id_reuse,
+        devices,
+        issue_dedup,
+        issue_audience,
+        issue_cooldown,
+        issue_per_user_max,
+        issue_total_max,
+        issue_daily_cap,
+        wallet_and_coupon,
+        redeem,
+        outbox,
+        concurrent_issue_never_breaks_a_cap,
+    );
+}

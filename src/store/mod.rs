@@ -6,6 +6,8 @@
 //! in one atomic step ([`Store::issue`]), so concurrent requests can never break a cap or issue
 //! twice.
 
+#[doc(hidden)]
+pub mod contract;
 pub mod memory;
 
 use std::sync::Arc;

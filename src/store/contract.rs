@@ -1,0 +1,513 @@
+//! The store contract as an executable suite: what every [`Store`] implementation must do, written
+//! once and run against each (the in-memory store in its unit tests, the Redis store in its own).
+//!
+//! Entry point: [`store_contract_suite`], given a fresh, empty store. Each section is also public,
+//! so an implementation can run them one by one; sections use disjoint ids, so they may share one
+//! store. Failures panic with a message naming the rule, as test assertions do; this module is
+//! test support, not part of the service.
+
+use std::sync::Arc;
+
+use crate::domain::{Campaign, CampaignDoc, CampaignId, Caps, CouponId, DeviceId, FenceId, UserId};
+
+use super::{
+    Device, IssueCandidate, IssueOutcome, IssueRequest, IssuedCoupon, Platform, RedeemError, Store, StoreError,
+};
+
+/// A ping time well inside any plausible window.
+const T: i64 = 1_700_000_000_000;
+const HOUR: i64 = 3_600_000;
+
+/// Runs every section against `store`, which must start empty.
+pub async fn store_contract_suite(store: Arc<dyn Store>) {
+    store.health().await.expect("a fresh store is healthy");
+    campaigns_crud(&store).await;
+    stats_and_id_reuse(&store).await;
+    devices(&store).await;
+    issue_dedup(&store).await;
+    issue_audience(&store).await;
+    issue_cooldown(&store).await;
+    issue_per_user_max(&store).await;
+    issue_total_max(&store).await;
+    issue_daily_cap(&store).await;
+    wallet_and_coupon(&store).await;
+    redeem(&store).await;
+    outbox(&store).await;
+    concurrent_issue_never_breaks_a_cap(&store).await;
+}
+
+fn uid(s: &str) -> UserId {
+    UserId::parse("user_id", s).expect("valid user id")
+}
+
+fn cid(s: &str) -> CampaignId {
+    CampaignId::parse("id", s).expect("valid campaign id")
+}
+
+/// A minimal valid campaign named `name`.
+fn campaign(id: &str, name: &str) -> Arc<Campaign> {
+    let doc: CampaignDoc = serde_json::from_value(serde_json::json!({
+        "id": id,
+        "name": name,
+        "coupon": {"title": "20% off"},
+        "fences": [{"id": "f", "type": "circle", "center": [114.0579, 22.5431], "radius_m": 150}],
+    }))
+    .expect("a campaign document");
+    Arc::new(doc.validate(|| cid(id)).expect("a valid campaign"))
+}
+
+fn coupon(campaign: &str, user: &str, ts_ms: i64) -> IssuedCoupon {
+    let (campaign_id, user_id) = (cid(campaign), uid(user));
+    IssuedCoupon {
+        coupon_id: CouponId::derive(&campaign_id, &user_id, ts_ms),
+        user_id,
+        campaign_id,
+        fence_id: FenceId::parse("fence_id", "f").expect("valid fence id"),
+        merchant_id: None,
+        title: "20% off".into(),
+        body: Some("at the counter".into()),
+        deep_link: None,
+        image_url: None,
+        issued_at_ms: ts_ms,
+        expires_at_ms: None,
+    }
+}
+
+fn caps(per_user_cooldown_s: i64, per_user_max: i64, total_max: i64) -> Caps {
+    Caps { per_user_cooldown_s, per_user_max, total_max }
+}
+
+fn candidate(campaign: &str, user: &str, ts_ms: i64, caps: Caps) -> IssueCandidate {
+    IssueCandidate { coupon: coupon(campaign, user, ts_ms), caps, audience_tags: Arc::from(Vec::new()) }
+}
+
+/// Issues one candidate (no daily cap) and returns its outcome.
+async fn issue_one(store: &Arc<dyn Store>, candidate: IssueCandidate) -> IssueOutcome {
+    let request = IssueRequest {
+        user_id: candidate.coupon.user_id.clone(),
+        ts_ms: candidate.coupon.issued_at_ms,
+        daily_cap: 0,
+        candidates: vec![candidate],
+    };
+    let outcomes = store.issue(request).await.expect("issue");
+    assert_eq!(outcomes.len(), 1, "one outcome per candidate");
+    outcomes[0]
+}
+
+/// Issues one candidate per campaign of `campaigns` at one ping, with a daily cap.
+async fn issue_ping(
+    store: &Arc<dyn Store>,
+    user: &str,
+    ts_ms: i64,
+    daily_cap: u32,
+    campaigns: &[&str],
+) -> Vec<IssueOutcome> {
+    let request = IssueRequest {
+        user_id: uid(user),
+        ts_ms,
+        daily_cap,
+        candidates: campaigns.iter().map(|c| candidate(c, user, ts_ms, Caps::default())).collect(),
+    };
+    store.issue(request).await.expect("issue")
+}
+
+fn device(tags: &[&str]) -> Device {
+    Device {
+        platform: Platform::Fcm,
+        token: "token".into(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        locale: None,
+    }
+}
+
+fn ids(campaigns: &[Arc<Campaign>]) -> Vec<String> {
+    campaigns.iter().map(|c| c.id.to_string()).collect()
+}
+
+/// Insert, conflict, read, replace, delete, paging by id with an exclusive `after`, id reuse.
+pub async fn campaigns_crud(store: &Arc<dyn Store>) {
+    for id in ["crud-b", "crud-a", "crud-c"] {
+        store.insert_campaign(campaign(id, "first")).await.expect("insert");
+    }
+    assert!(matches!(store.insert_campaign(campaign("crud-a", "again")).await, Err(StoreError::Conflict)));
+    assert_eq!(store.campaign(&cid("crud-a")).await.unwrap().unwrap().name.as_deref(), Some("first"));
+    assert!(store.campaign(&cid("crud-zz")).await.unwrap().is_none());
+
+    assert!(matches!(store.replace_campaign(campaign("crud-zz", "x")).await, Err(StoreError::NotFound)));
+    store.replace_campaign(campaign("crud-a", "second")).await.expect("replace");
+    assert_eq!(store.campaign(&cid("crud-a")).await.unwrap().unwrap().name.as_deref(), Some("second"));
+
+    assert_eq!(ids(&store.campaigns_page(Some("crud-"), 2).await.unwrap()), ["crud-a", "crud-b"]);
+    assert_eq!(ids(&store.campaigns_page(Some("crud-a"), 2).await.unwrap()), ["crud-b", "crud-c"]);
+    // `after` need not exist: the page starts after it in id order.
+    assert_eq!(ids(&store.campaigns_page(Some("crud-b0"), 1).await.unwrap()), ["crud-c"]);
+    assert!(store.campaigns_page(Some("crud-"), 0).await.unwrap().is_empty());
+
+    // Walking every page visits every campaign once, ascending.
+    let mut walked = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.campaigns_page(after.as_deref(), 2).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.to_string());
+        walked.extend(ids(&page));
+    }
+    assert!(walked.windows(2).all(|w| w[0] < w[1]), "pages ascend strictly: {walked:?}");
+    let all = ids(&store.all_campaigns().await.unwrap());
+    assert_eq!(walked.len(), all.len());
+    for id in ["crud-a", "crud-b", "crud-c"] {
+        assert!(all.iter().any(|a| a == id), "all_campaigns holds {id}");
+    }
+
+    store.delete_campaign(&cid("crud-b")).await.expect("delete");
+    assert!(matches!(store.delete_campaign(&cid("crud-b")).await, Err(StoreError::NotFound)));
+    assert!(store.campaign(&cid("crud-b")).await.unwrap().is_none());
+    assert_eq!(ids(&store.campaigns_page(Some("crud-a"), 1).await.unwrap()), ["crud-c"]);
+    // A deleted id may be used again.
+    store.insert_campaign(campaign("crud-b", "reborn")).await.expect("reinsert a deleted id");
+    assert_eq!(store.campaign(&cid("crud-b")).await.unwrap().unwrap().name.as_deref(), Some("reborn"));
+}
+
+/// Counters: zeros when nothing was issued; kept by a replace; reset when a deleted id is reused,
+/// while coupon ids issued under the old campaign still count as issued.
+pub async fn stats_and_id_reuse(store: &Arc<dyn Store>) {
+    let id = cid("st-a");
+    assert_eq!(store.campaign_stats(&id).await.unwrap(), Default::default());
+    store.insert_campaign(campaign("st-a", "v1")).await.unwrap();
+    assert_eq!(store.campaign_stats(&id).await.unwrap(), Default::default());
+
+    assert_eq!(issue_one(store, candidate("st-a", "st-u1", T, caps(0, 1, 2))).await, IssueOutcome::Issued);
+    assert_eq!(issue_one(store, candidate("st-a", "st-u3", T, caps(0, 1, 2))).await, IssueOutcome::Issued);
+    let first = coupon("st-a", "st-u1", T).coupon_id;
+    store.redeem(&first, "any", T).await.expect("redeem");
+    let stats = store.campaign_stats(&id).await.unwrap();
+    assert_eq!((stats.issued, stats.redeemed), (2, 1));
+
+    store.replace_campaign(campaign("st-a", "v2")).await.unwrap();
+    let stats = store.campaign_stats(&id).await.unwrap();
+    assert_eq!((stats.issued, stats.redeemed), (2, 1), "a replace keeps the counters");
+    assert_eq!(issue_one(store, candidate("st-a", "st-u2", T, caps(0, 1, 2))).await, IssueOutcome::TotalMax);
+
+    store.delete_campaign(&id).await.unwrap();
+    store.insert_campaign(campaign("st-a", "new")).await.unwrap();
+    assert_eq!(store.campaign_stats(&id).await.unwrap(), Default::default(), "a reused id is a new campaign");
+    assert_eq!(
+        issue_one(store, candidate("st-a", "st-u1", T, caps(0, 1, 2))).await,
+        IssueOutcome::Duplicate,
+        "a coupon id issued under the old campaign is never issued again"
+    );
+    assert_eq!(issue_one(store, candidate("st-a", "st-u1", T + 1, caps(0, 1, 2))).await, IssueOutcome::Issued);
+    assert_eq!(issue_one(store, candidate("st-a", "st-u2", T, caps(0, 1, 2))).await, IssueOutcome::Issued);
+    // Redeeming a coupon of the old campaign does not count for the new one.
+    store.redeem(&coupon("st-a", "st-u3", T).coupon_id, "any", T).await.expect("redeem an old coupon");
+    let stats = store.campaign_stats(&id).await.unwrap();
+    assert_eq!((stats.issued, stats.redeemed), (2, 0));
+    // Wallets keep coupons of deleted campaigns.
+    assert_eq!(store.wallet(&uid("st-u1")).await.unwrap().len(), 2);
+}
+
+/// Devices: put (insert or overwrite), list in id order, delete once.
+pub async fn devices(store: &Arc<dyn Store>) {
+    let user = uid("dev-u");
+    let (d1, d2) = (DeviceId::parse("d", "d1").unwrap(), DeviceId::parse("d", "d2").unwrap());
+    assert!(store.devices(&user).await.unwrap().is_empty());
+    store.put_device(&user, &d2, device(&["a"])).await.unwrap();
+    store.put_device(&user, &d1, device(&["vip"])).await.unwrap();
+    let mut updated = device(&[]);
+    updated.token = "new-token".into();
+    updated.platform = Platform::Apns;
+    updated.locale = Some("zh-CN".into());
+    store.put_device(&user, &d1, updated.clone()).await.unwrap();
+    let mut listed = store.devices(&user).await.unwrap();
+    listed.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(listed, vec![(d1.clone(), updated), (d2.clone(), device(&["a"]))]);
+    assert!(store.delete_device(&user, &d1).await.unwrap());
+    assert!(!store.delete_device(&user, &d1).await.unwrap());
+    assert!(!store.delete_device(&uid("dev-nobody"), &d1).await.unwrap());
+    assert_eq!(store.devices(&user).await.unwrap(), vec![(d2, device(&["a"]))]);
+}
+
+/// The same coupon id is issued once: a retried request is a duplicate and records nothing.
+pub async fn issue_dedup(store: &Arc<dyn Store>) {
+    let c = candidate("dup-a", "dup-u", T, Caps::default());
+    assert_eq!(issue_one(store, c.clone()).await, IssueOutcome::Issued);
+    assert_eq!(issue_one(store, c.clone()).await, IssueOutcome::Duplicate);
+    // Twice in one request: the second is a duplicate of the first.
+    let twice = IssueRequest {
+        user_id: uid("dup-u"),
+        ts_ms: T + 1,
+        daily_cap: 0,
+        candidates: vec![candidate("dup-a", "dup-u", T + 1, Caps::default()); 2],
+    };
+    assert_eq!(store.issue(twice).await.unwrap(), [IssueOutcome::Issued, IssueOutcome::Duplicate]);
+    assert_eq!(store.wallet(&uid("dup-u")).await.unwrap().len(), 2);
+    assert_eq!(store.campaign_stats(&cid("dup-a")).await.unwrap().issued, 2);
+}
+
+/// Audience: the union of the user's current devices' tags must meet `tags_any`; no device
+/// matches no non-empty audience; an empty audience is everyone.
+pub async fn issue_audience(store: &Arc<dyn Store>) {
+    let vip = |user: &str, ts: i64| IssueCandidate {
+        audience_tags: Arc::from(vec!["vip".to_string(), "gold".to_string()]),
+        ..candidate("aud-a", user, ts, Caps::default())
+    };
+    assert_eq!(issue_one(store, vip("aud-u", T)).await, IssueOutcome::Audience, "no device, no match");
+    let user = uid("aud-u");
+    store.put_device(&user, &DeviceId::parse("d", "d1").unwrap(), device(&["basic"])).await.unwrap();
+    assert_eq!(issue_one(store, vip("aud-u", T)).await, IssueOutcome::Audience);
+    store.put_device(&user, &DeviceId::parse("d", "d2").unwrap(), device(&["gold"])).await.unwrap();
+    assert_eq!(issue_one(store, vip("aud-u", T)).await, IssueOutcome::Issued, "tags of all devices count");
+    store.delete_device(&user, &DeviceId::parse("d", "d2").unwrap()).await.unwrap();
+    assert_eq!(issue_one(store, vip("aud-u", T + 1)).await, IssueOutcome::Audience, "only current devices");
+    assert_eq!(issue_one(store, candidate("aud-b", "aud-nodevice", T, Caps::default())).await, IssueOutcome::Issued);
+    assert_eq!(store.wallet(&uid("aud-nodevice")).await.unwrap().len(), 1);
+}
+
+/// Cooldown in event time: blocked while `|ts − t| < cooldown` for a coupon of the campaign to
+/// the user at `t` (equal allowed, both sides, for pings arriving out of order); 0 = none.
+pub async fn issue_cooldown(store: &Arc<dyn Store>) {
+    let cd = |user: &str, ts: i64| candidate("cd-a", user, ts, caps(60, 0, 0));
+    assert_eq!(issue_one(store, cd("cd-u", T)).await, IssueOutcome::Issued);
+    assert_eq!(issue_one(store, cd("cd-u", T + 59_999)).await, IssueOutcome::Cooldown);
+    assert_eq!(issue_one(store, cd("cd-u", T + 60_000)).await, IssueOutcome::Issued, "equal is allowed");
+    assert_eq!(issue_one(store, cd("cd-u", T - 59_999)).await, IssueOutcome::Cooldown, "a later coupon blocks too");
+    assert_eq!(issue_one(store, cd("cd-u", T - 60_000)).await, IssueOutcome::Issued);
+    assert_eq!(issue_one(store, cd("cd-u", T + 30_000)).await, IssueOutcome::Cooldown, "between two coupons");
+    assert_eq!(issue_one(store, cd("cd-other", T + 1)).await, IssueOutcome::Issued, "per user");
+    assert_eq!(issue_one(store, candidate("cd-b", "cd-u", T + 1, caps(60, 0, 0))).await, IssueOutcome::Issued);
+    for i in 1..=3 {
+        assert_eq!(issue_one(store, candidate("cd-none", "cd-u", T + i, caps(0, 0, 0))).await, IssueOutcome::Issued);
+    }
+}
+
+/// `per_user_max` counts every coupon of the campaign ever issued to the user, redeemed and
+/// expired included.
+pub async fn issue_per_user_max(store: &Arc<dyn Store>) {
+    let max2 = |user: &str, ts: i64| {
+        let mut c = candidate("pum-a", user, ts, caps(0, 2, 0));
+        c.coupon.expires_at_ms = Some(ts + 1);
+        c
+    };
+    assert_eq!(issue_one(store, max2("pum-u", T)).await, IssueOutcome::Issued);
+    store.redeem(&coupon("pum-a", "pum-u", T).coupon_id, "m", T).await.expect("redeem");
+    assert_eq!(issue_one(store, max2("pum-u", T + HOUR)).await, IssueOutcome::Issued);
+    assert_eq!(issue_one(store, max2("pum-u", T + 2 * HOUR)).await, IssueOutcome::PerUserMax);
+    assert_eq!(issue_one(store, max2("pum-u", T - HOUR)).await, IssueOutcome::PerUserMax);
+    assert_eq!(issue_one(store, max2("pum-v", T)).await, IssueOutcome::Issued, "per user");
+}
+
+/// `total_max` counts all coupons of the campaign, across users.
+pub async fn issue_total_max(store: &Arc<dyn Store>) {
+    for (user, expected) in
+        [("tm-u1", IssueOutcome::Issued), ("tm-u2", IssueOutcome::Issued), ("tm-u3", IssueOutcome::TotalMax)]
+    {
+        assert_eq!(issue_one(store, candidate("tm-a", user, T, caps(0, 0, 2))).await, expected, "{user}");
+    }
+    assert_eq!(store.campaign_stats(&cid("tm-a")).await.unwrap().issued, 2);
+}
+
+/// The daily cap: coupons of any campaign with `issued_at_ms` in `(ts − 24 h, ts]`, counting ones
+/// issued earlier by the same ping (campaigns in the given, ascending order) and ones issued by
+/// earlier requests for later or earlier pings; 0 = unlimited.
+pub async fn issue_daily_cap(store: &Arc<dyn Store>) {
+    use IssueOutcome::{DailyCap, Issued};
+    let u = "dc-u";
+    assert_eq!(issue_ping(store, u, T, 3, &["dc-1"]).await, [Issued]);
+    assert_eq!(issue_ping(store, u, T + HOUR, 3, &["dc-2"]).await, [Issued]);
+    assert_eq!(issue_ping(store, u, T + 2 * HOUR, 3, &["dc-3"]).await, [Issued]);
+    assert_eq!(issue_ping(store, u, T + 3 * HOUR, 3, &["dc-4"]).await, [DailyCap]);
+    // Exactly 24 h after T, the coupon at T has left the window.
+    assert_eq!(issue_ping(store, u, T + 24 * HOUR, 3, &["dc-5"]).await, [Issued]);
+    assert_eq!(issue_ping(store, u, T + 24 * HOUR + 1, 3, &["dc-6"]).await, [DailyCap]);
+    assert_eq!(issue_ping(store, u, T + 26 * HOUR, 3, &["dc-7"]).await, [Issued]);
+
+    // One ping's candidates: ascending campaign id order until the cap is reached.
+    assert_eq!(
+        issue_ping(store, "dc-v", T, 3, &["dc-a", "dc-b", "dc-c", "dc-d"]).await,
+        [Issued, Issued, Issued, DailyCap]
+    );
+    // Refused candidates do not count.
+    assert_eq!(issue_ping(store, "dc-v", T, 0, &["dc-a"]).await, [IssueOutcome::Duplicate]);
+    assert_eq!(store.wallet(&uid("dc-v")).await.unwrap().len(), 3);
+
+    // Pings arriving out of order across requests: the window is the ping's own.
+    let w = "dc-w";
+    for h in [10, 11, 12] {
+        assert_eq!(issue_ping(store, w, T + h * HOUR, 3, &["dc-1"]).await, [Issued]);
+    }
+    assert_eq!(issue_ping(store, w, T - 13 * HOUR, 3, &["dc-2"]).await, [Issued], "nothing in its window");
+    assert_eq!(issue_ping(store, w, T + 11 * HOUR + HOUR / 2, 3, &["dc-3"]).await, [Issued], "T+10h and T+11h only");
+    assert_eq!(issue_ping(store, w, T + 11 * HOUR + 3 * HOUR / 4, 3, &["dc-4"]).await, [DailyCap]);
+
+    // 0 = unlimited.
+    for i in 0..15 {
+        assert_eq!(issue_ping(store, "dc-x", T + i, 0, &["dc-1"]).await, [Issued]);
+    }
+}
+
+/// Wallets are newest first, ties by coupon id; `coupon` reads one record back unchanged.
+pub async fn wallet_and_coupon(store: &Arc<dyn Store>) {
+    let user = uid("wal-u");
+    assert!(store.wallet(&user).await.unwrap().is_empty());
+    let mut issued = Vec::new();
+    for (campaign, ts) in [("wal-a", T + 1), ("wal-b", T + 2), ("wal-c", T + 1), ("wal-d", T + 2), ("wal-e", T)] {
+        let mut c = candidate(campaign, "wal-u", ts, Caps::default());
+        c.coupon.merchant_id = Some("m".into());
+        c.coupon.expires_at_ms = Some(ts + 1000);
+        assert_eq!(issue_one(store, c.clone()).await, IssueOutcome::Issued);
+        issued.push(c.coupon);
+    }
+    issued.sort_by(|a, b| b.issued_at_ms.cmp(&a.issued_at_ms).then_with(|| a.coupon_id.cmp(&b.coupon_id)));
+    let wallet = store.wallet(&user).await.unwrap();
+    let got: Vec<&IssuedCoupon> = wallet.iter().map(|r| &r.coupon).collect();
+    assert_eq!(got, issued.iter().collect::<Vec<_>>());
+    assert!(wallet.iter().all(|r| r.redeemed_at_ms.is_none()));
+
+    let record = store.coupon(&issued[0].coupon_id).await.unwrap().expect("a stored coupon");
+    assert_eq!(record.coupon, issued[0]);
+    assert!(store.coupon(&CouponId::from_string("cp_nope")).await.unwrap().is_none());
+}
+
+/// Redemption: exactly once; unknown, already redeemed, expired (`now ≥ expires_at_ms`) and
+/// another merchant's are refused, in that order of precedence; concurrent attempts win once.
+pub async fn redeem(store: &Arc<dyn Store>) {
+    let mut c = candidate("red-a", "red-u", T, Caps::default());
+    c.coupon.merchant_id = Some("m1".into());
+    c.coupon.expires_at_ms = Some(T + 1000);
+    let id = c.coupon.coupon_id.clone();
+    assert_eq!(issue_one(store, c).await, IssueOutcome::Issued);
+
+    assert!(matches!(store.redeem(&CouponId::from_string("cp_nope"), "m1", T).await, Err(RedeemError::NotFound)));
+    assert!(matches!(store.redeem(&id, "m2", T).await, Err(RedeemError::WrongMerchant)));
+    assert!(matches!(store.redeem(&id, "m2", T + 1000).await, Err(RedeemError::Expired)));
+    assert!(matches!(store.redeem(&id, "m1", T + 1000).await, Err(RedeemError::Expired)), "expired at expires_at_ms");
+    let record = store.redeem(&id, "m1", T + 999).await.expect("redeem before expiry");
+    assert_eq!(record.redeemed_at_ms, Some(T + 999));
+    assert!(matches!(store.redeem(&id, "m1", T + 999).await, Err(RedeemError::AlreadyRedeemed)));
+    assert!(matches!(store.redeem(&id, "m2", T + 5000).await, Err(RedeemError::AlreadyRedeemed)));
+    assert_eq!(store.coupon(&id).await.unwrap().unwrap().redeemed_at_ms, Some(T + 999));
+    assert_eq!(store.wallet(&uid("red-u")).await.unwrap()[0].redeemed_at_ms, Some(T + 999));
+    assert_eq!(store.campaign_stats(&cid("red-a")).await.unwrap().redeemed, 1);
+
+    // No merchant: any merchant redeems; no expiry: never expires.
+    let c = candidate("red-b", "red-u", T, Caps::default());
+    let id = c.coupon.coupon_id.clone();
+    assert_eq!(issue_one(store, c).await, IssueOutcome::Issued);
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let (store, id) = (store.clone(), id.clone());
+            tokio::spawn(async move { store.redeem(&id, &format!("m{i}"), i64::MAX).await.is_ok() })
+        })
+        .collect();
+    let mut wins = 0;
+    for task in tasks {
+        wins += usize::from(task.await.expect("task"));
+    }
+    assert_eq!(wins, 1, "concurrent redemptions succeed exactly once");
+    assert_eq!(store.campaign_stats(&cid("red-b")).await.unwrap().redeemed, 1);
+}
+
+/// The outbox: every issued coupon once, oldest first, at most `max` per take; an entry taken
+/// and not acknowledged comes back after `redeliver_after_ms`; acknowledged ones never do.
+pub async fn outbox(store: &Arc<dyn Store>) {
+    // Drain what earlier sections queued.
+    loop {
+        let entries = store.outbox_take(1000, 0, 0).await.unwrap();
+        if entries.is_empty() {
+            break;
+        }
+        store.outbox_ack(&entries.iter().map(|e| e.seq).collect::<Vec<_>>()).await.unwrap();
+    }
+    let coupons: Vec<IssuedCoupon> = (0..3).map(|i| coupon("ob-a", "ob-u", T + i)).collect();
+    for c in &coupons {
+        assert_eq!(
+            issue_one(store, candidate("ob-a", "ob-u", c.issued_at_ms, Caps::default())).await,
+            IssueOutcome::Issued
+        );
+    }
+    // Refused candidates queue nothing.
+    assert_eq!(issue_one(store, candidate("ob-a", "ob-u", T, Caps::default())).await, IssueOutcome::Duplicate);
+
+    let first = store.outbox_take(2, 1_000, 5_000).await.unwrap();
+    assert_eq!(first.iter().map(|e| &e.coupon).collect::<Vec<_>>(), [&coupons[0], &coupons[1]]);
+    assert!(first[0].seq < first[1].seq);
+    let second = store.outbox_take(10, 1_000, 5_000).await.unwrap();
+    assert_eq!(second.iter().map(|e| &e.coupon).collect::<Vec<_>>(), [&coupons[2]]);
+    assert!(second[0].seq > first[1].seq);
+    assert!(store.outbox_take(10, 5_999, 5_000).await.unwrap().is_empty(), "not before redeliver_after_ms");
+
+    store.outbox_ack(&[first[0].seq]).await.unwrap();
+    let again = store.outbox_take(10, 6_000, 5_000).await.unwrap();
+    assert_eq!(again.iter().map(|e| e.seq).collect::<Vec<_>>(), [first[1].seq, second[0].seq], "at least once");
+    store.outbox_ack(&[first[1].seq, second[0].seq, u64::MAX]).await.unwrap();
+    assert!(store.outbox_take(10, i64::MAX, 0).await.unwrap().is_empty());
+
+    assert_eq!(issue_one(store, candidate("ob-a", "ob-u", T + 10, Caps::default())).await, IssueOutcome::Issued);
+    let later = store.outbox_take(10, 7_000, 5_000).await.unwrap();
+    assert_eq!(later.len(), 1);
+    assert!(later[0].seq > second[0].seq, "sequence numbers only grow");
+    store.outbox_ack(&[later[0].seq]).await.unwrap();
+}
+
+/// Runs the requests as concurrent tasks; returns every outcome.
+async fn concurrently(store: &Arc<dyn Store>, requests: Vec<IssueRequest>) -> Vec<IssueOutcome> {
+    let tasks: Vec<_> = requests
+        .into_iter()
+        .map(|request| {
+            let store = store.clone();
+            tokio::spawn(async move { store.issue(request).await.expect("issue") })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.extend(task.await.expect("task"));
+    }
+    outcomes
+}
+
+fn single(candidate: IssueCandidate, daily_cap: u32) -> IssueRequest {
+    IssueRequest {
+        user_id: candidate.coupon.user_id.clone(),
+        ts_ms: candidate.coupon.issued_at_ms,
+        daily_cap,
+        candidates: vec![candidate],
+    }
+}
+
+fn count(outcomes: &[IssueOutcome], which: IssueOutcome) -> usize {
+    outcomes.iter().filter(|&&o| o == which).count()
+}
+
+/// Many tasks issuing at once for one campaign or one user never exceed a cap and never issue
+/// one coupon id twice.
+pub async fn concurrent_issue_never_breaks_a_cap(store: &Arc<dyn Store>) {
+    const N: i64 = 64;
+    let total: Vec<_> =
+        (0..N).map(|i| single(candidate("cc-total", &format!("cc-u{i}"), T, caps(0, 0, 10)), 0)).collect();
+    assert_eq!(count(&concurrently(store, total).await, IssueOutcome::Issued), 10, "total_max");
+    assert_eq!(store.campaign_stats(&cid("cc-total")).await.unwrap().issued, 10);
+
+    let per_user: Vec<_> =
+        (0..N).map(|i| single(candidate("cc-user", "cc-one", T + i * 1000, caps(0, 5, 0)), 0)).collect();
+    assert_eq!(count(&concurrently(store, per_user).await, IssueOutcome::Issued), 5, "per_user_max");
+
+    let cooldown: Vec<_> = (0..N).map(|i| single(candidate("cc-cool", "cc-one", T + i, caps(3600, 0, 0)), 0)).collect();
+    assert_eq!(count(&concurrently(store, cooldown).await, IssueOutcome::Issued), 1, "cooldown");
+
+    let same: Vec<_> = (0..N).map(|_| single(candidate("cc-same", "cc-one", T, Caps::default()), 0)).collect();
+    let outcomes = concurrently(store, same).await;
+    assert_eq!(count(&outcomes, IssueOutcome::Issued), 1, "one coupon id issued once");
+    assert_eq!(count(&outcomes, IssueOutcome::Duplicate), N as usize - 1);
+
+    // One ping time for all: the window of each request then holds every coupon of the others.
+    let daily: Vec<_> =
+        (0..N).map(|i| single(candidate(&format!("cc-day{i}"), "cc-daily", T, Caps::default()), 10)).collect();
+    assert_eq!(count(&concurrently(store, daily).await, IssueOutcome::Issued), 10, "daily cap");
+
+    let wallet = store.wallet(&uid("cc-one")).await.unwrap();
+    assert_eq!(wallet.len(), 5 + 1 + 1);
+    let mut ids: Vec<&CouponId> = wallet.iter().map(|r| &r.coupon.coupon_id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), wallet.len(), "no coupon id twice in a wallet");
+}
