@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use crate::domain::{
-    Campaign, CampaignId, Caps, Circle, CouponTemplate, Fence, FenceId, LatLon, Ping, Shape, Status, Trigger, UserId,
+    Campaign, CampaignId, Caps, Circle, CouponTemplate, Fence, FenceId, LatLon, Ping, Polygon, Shape, Status, Trigger,
+    UserId,
 };
 
 use super::{FenceHit, Outcome};
@@ -26,6 +27,18 @@ pub fn fence(id: &str, north: f64, east: f64, radius_m: f64) -> Fence {
     Fence {
         id: FenceId::parse("id", id).expect("valid fence id"),
         shape: Shape::Circle(Circle { center: at(north, east), radius_m }),
+        rings: None,
+    }
+}
+
+/// An axis-aligned square polygon fence of half-side `half_m` around (`north`, `east`); its anchor
+/// (mean of the distinct outer vertices) is that centre.
+pub fn square(id: &str, north: f64, east: f64, half_m: f64) -> Fence {
+    let corner = |dn: f64, de: f64| at(north + dn * half_m, east + de * half_m);
+    let ring = vec![corner(-1.0, -1.0), corner(-1.0, 1.0), corner(1.0, 1.0), corner(1.0, -1.0), corner(-1.0, -1.0)];
+    Fence {
+        id: FenceId::parse("id", id).expect("valid fence id"),
+        shape: Shape::Polygon(Polygon::new(&[ring]).expect("a valid square")),
         rings: None,
     }
 }

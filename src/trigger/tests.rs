@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::domain::{haversine_m, Campaign, LatLon, Ping, Status, Trigger, UserId};
 
-use super::testkit::{at, campaign, fence, hits_of, ping, summary};
+use super::testkit::{at, campaign, fence, hits_of, ping, square, summary};
 use super::{FenceHit, Outcome, TriggerConfig, TriggerEngine};
 
 const MIN: i64 = 60_000;
@@ -565,6 +565,45 @@ fn rule_5_nearest_fence_ties_by_id() {
             steps: vec![P(p(0, a()), "c1:a c10:y c2:x")],
         },
     ]);
+}
+
+#[test]
+fn rule_5_measures_polygons_from_their_mean_vertex() {
+    let mixed = || campaign("c1", ENTER, vec![square("p", 0.0, 0.0, 200.0), fence("b", 0.0, 150.0, 100.0)]);
+    run(vec![
+        Case {
+            name: "nearer the square's centre than the circle's",
+            config: DEFAULTS,
+            campaigns: vec![mixed()],
+            steps: vec![P(p(0, at(0.0, 60.0)), "c1:p")],
+        },
+        Case {
+            name: "nearer the circle's centre, though well inside the square",
+            config: DEFAULTS,
+            campaigns: vec![mixed()],
+            steps: vec![P(p(0, at(0.0, 90.0)), "c1:b")],
+        },
+    ]);
+}
+
+#[test]
+fn the_engine_is_shared_between_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<TriggerEngine>();
+    let engine = engine();
+    let world = [Arc::new(c1(ENTER))];
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let (engine, world) = (&engine, &world);
+            scope.spawn(move || {
+                for u in 0..100 {
+                    let ping = p(0, a()).by(&format!("t{t}-u{u}"));
+                    assert_eq!(summary(&engine.apply(&ping, &hits_of(world, ping.at))), "c1:a");
+                }
+            });
+        }
+    });
+    assert_eq!(engine.user_count(), 400);
 }
 
 fn engine() -> TriggerEngine {
