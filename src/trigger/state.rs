@@ -56,7 +56,7 @@ struct Stay {
 
 /// Is a ping of this `accuracy_m` applied under this limit? Equal is applied; an absent accuracy
 /// or an absent limit always is.
-pub(crate) fn within_accuracy(accuracy_m: Option<f64>, limit_m: Option<f64>) -> bool {
+fn within_accuracy(accuracy_m: Option<f64>, limit_m: Option<f64>) -> bool {
     match (accuracy_m, limit_m) {
         (Some(accuracy), Some(limit)) => accuracy.partial_cmp(&limit) != Some(std::cmp::Ordering::Greater),
         _ => true,
@@ -65,7 +65,7 @@ pub(crate) fn within_accuracy(accuracy_m: Option<f64>, limit_m: Option<f64>) -> 
 
 /// Rule 0's speed test between two applied pings `gap_ms` apart: speed = haversine / seconds,
 /// "exceeds" is `>`, and a zero gap with a non-zero distance is infinitely fast.
-pub(crate) fn too_fast(from: LatLon, to: LatLon, gap_ms: i64, max_speed_mps: f64) -> bool {
+fn too_fast(from: LatLon, to: LatLon, gap_ms: i64, max_speed_mps: f64) -> bool {
     let distance_m = haversine_m(from, to);
     if gap_ms <= 0 {
         distance_m > 0.0
@@ -75,12 +75,12 @@ pub(crate) fn too_fast(from: LatLon, to: LatLon, gap_ms: i64, max_speed_mps: f64
 }
 
 /// `state_ttl_s` in milliseconds, saturating.
-pub(crate) fn ttl_ms(config: &TriggerConfig) -> i64 {
+fn ttl_ms(config: &TriggerConfig) -> i64 {
     i64::try_from(config.state_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX)
 }
 
 /// How long after the enter a stay's candidate is due: an enter trigger is a dwell of zero.
-pub(crate) fn due_after_ms(trigger: Trigger) -> i64 {
+fn due_after_ms(trigger: Trigger) -> i64 {
     match trigger {
         Trigger::Enter => 0,
         Trigger::Dwell { dwell_s } => dwell_s.saturating_mul(1000),
