@@ -27,7 +27,13 @@
 //! force and benchmarked alone. Campaign changes flow the other way: the store is the source of
 //! truth, and a new immutable index snapshot is swapped in without pausing matching.
 
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod dispatch;
 pub mod domain;
+pub mod engine;
+pub mod http;
 pub mod spatial;
 pub mod store;
 pub mod trigger;
