@@ -22,6 +22,9 @@
 //! | [`spatial`] | `FenceIndex`: which fences contain a point — the hot path, pure and in memory |
 //! | [`trigger`] | per-user stay state and the trigger rules, in event time |
 //! | [`store`] | campaigns, devices, wallets, caps, outbox behind one trait; in-memory implementation |
+//! | [`http`] | axum routes, auth, limits, the error format: parse, call, map outcomes to API.md |
+//! | [`config`] | `kabao serve` flags, `KABAO_*` env vars and `--config` file, resolved; secrets redacted |
+//! | [`app`] | `Application`: build (bind), serve, graceful shutdown; `kabao serve` and `kabao demo` |
 //!
 //! `spatial` and `trigger` do no I/O and never read the clock, so they are tested against brute
 //! force and benchmarked alone. Campaign changes flow the other way: the store is the source of
