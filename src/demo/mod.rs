@@ -215,7 +215,8 @@ async fn report(
         let id = plan.doc["id"].as_str().unwrap_or("");
         let stats = api.send(reqwest::Method::GET, &format!("/v1/campaigns/{id}/stats"), &Value::Null).await?;
         let trigger = plan.doc["trigger"]["on"].as_str().unwrap_or("enter");
-        println!("{:<22} {:>8} {:>10} {:>9} {:>9}", id, plan.fences, trigger, stats["issued"], stats["redeemed"]);
+        let count = |name: &str| stats[name].as_u64().unwrap_or(0);
+        println!("{:<22} {:>8} {:>10} {:>9} {:>9}", id, plan.fences, trigger, count("issued"), count("redeemed"));
     }
 
     let ignored: Vec<String> = replay.ignored.iter().map(|(k, v)| format!("{k} {v}")).collect();
@@ -245,21 +246,32 @@ async fn report(
     Ok(())
 }
 
-/// Reads `kabao_match_duration_seconds{quantile="…"}` lines from Prometheus text.
+/// Estimates quantiles of `kabao_match_duration_seconds` from its Prometheus histogram buckets
+/// (linear within a bucket, as Prometheus' `histogram_quantile` does), in nanoseconds.
 fn match_quantiles(metrics: &str) -> Vec<(String, f64)> {
-    metrics
+    let mut buckets: Vec<(f64, f64)> = metrics
         .lines()
         .filter_map(|line| {
-            let rest = line.strip_prefix("kabao_match_duration_seconds{quantile=\"")?;
-            let (q, value) = rest.split_once("\"}")?;
-            let seconds: f64 = value.trim().parse().ok()?;
-            let label = match q {
-                "0.5" => "50",
-                "0.9" => "90",
-                "0.99" => "99",
-                "0.999" => "99.9",
-                _ => return None,
-            };
+            let rest = line.strip_prefix("kabao_match_duration_seconds_bucket{le=\"")?;
+            let (le, count) = rest.split_once("\"}")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let Some(&(_, total)) = buckets.last() else { return Vec::new() };
+    if total == 0.0 {
+        return Vec::new();
+    }
+    [("50", 0.5), ("90", 0.9), ("99", 0.99), ("99.9", 0.999)]
+        .into_iter()
+        .filter_map(|(label, q)| {
+            let rank = q * total;
+            let i = buckets.iter().position(|&(_, c)| c >= rank)?;
+            let (lo, below) = if i == 0 { (0.0, 0.0) } else { buckets[i - 1] };
+            let (hi, count) = buckets[i];
+            let seconds =
+                if hi.is_infinite() { lo } else { lo + (hi - lo) * (rank - below) / (count - below).max(1.0) };
             Some((label.to_owned(), seconds * 1e9))
         })
         .collect()
