@@ -19,12 +19,14 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`domain`] | validated types (`Ping`, `Fence`, `Campaign`, ids) and the exact containment rule |
-//! | [`spatial`] | `FenceIndex`: which fences contain a point — the hot path, pure and in memory |
-//! | [`trigger`] | per-user stay state and the trigger rules, in event time |
-//! | [`store`] | campaigns, devices, wallets, caps, outbox behind one trait; in-memory implementation |
-//! | [`http`] | axum routes, auth, limits, the error format: parse, call, map outcomes to API.md |
-//! | [`config`] | `kabao serve` flags, `KABAO_*` env vars and `--config` file, resolved; secrets redacted |
-//! | [`app`] | `Application`: build (bind), serve, graceful shutdown; `kabao serve` and `kabao demo` |
+//! | [`spatial`] | `FenceIndex` / `LiveIndex`: which fences contain a point — the hot path, pure and in memory |
+//! | [`trigger`] | per-user stay state and the trigger rules 0–5, in event time |
+//! | [`store`] | campaigns, devices, wallets, caps, outbox behind one trait; the in-memory implementation |
+//! | [`engine`] | the way through (index → trigger → store) and campaign changes → index |
+//! | [`dispatch`] | outbox → push providers, at least once (the `log` provider for the embedded default) |
+//! | [`http`] | axum routes, auth, errors, limits, OpenAPI — thin: parse, call, map errors |
+//! | [`config`], [`app`] | flags / `KABAO_*` / config file; startup, serving, graceful shutdown |
+//! | [`demo`] | `kabao demo`: campaigns from `data/`, seeded shoppers replayed over HTTP |
 //!
 //! `spatial` and `trigger` do no I/O and never read the clock, so they are tested against brute
 //! force and benchmarked alone. Campaign changes flow the other way: the store is the source of
