@@ -29,7 +29,7 @@ impl LatLon {
 /// The haversine "h" term, `sin²(Δφ/2) + cos φ1 cos φ2 sin²(Δλ/2)`, in 0..=1.
 ///
 /// `d = 2R·asin(√h)` is monotonic in `h`, so comparisons against a radius can be made on `h`
-/// alone (see [`haversine_h_limit`]) without the `asin` and `sqrt`.
+/// alone without the `asin` and `sqrt`.
 #[inline]
 pub fn haversine_h(a: LatLon, b: LatLon) -> f64 {
     let (phi1, phi2) = (a.lat.to_radians(), b.lat.to_radians());
