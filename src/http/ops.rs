@@ -15,10 +15,11 @@ use serde_json::json;
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
 
-/// Latency buckets (seconds) for every histogram: from 100 ns matches to multi-second requests.
+/// Histogram buckets (seconds) for every histogram: fine at the bottom for the ~100 ns match
+/// time, coarse at the top for whole requests.
 const BUCKETS: &[f64] = &[
-    1e-7, 2.5e-7, 5e-7, 1e-6, 2.5e-6, 1e-5, 1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0,
+    2.5e-8, 5e-8, 1e-7, 1.5e-7, 2e-7, 3e-7, 5e-7, 1e-6, 2e-6, 5e-6, 1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
+    1e-2, 2.5e-2, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// The process-wide Prometheus recorder's handle. `metrics` has one global recorder per process,
