@@ -140,7 +140,7 @@ pub async fn shutdown_signal() {
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let generated_token = config.admin_token_generated.then(|| config.admin_token.clone());
     if config.client_secret_generated {
-        tracing::warn!("no client secret configured; generated one, so only tokens minted by this process verify");
+        tracing::warn!("no client secret configured; generated a random one, so no client JWT verifies until KABAO_CLIENT_SECRET is set");
     }
     let app = Application::build(config).await?;
     if let Some(token) = generated_token {
