@@ -44,8 +44,9 @@ const COVER_SLACK_DEG: f64 = 1e-9;
 /// inline so a match costs no further cache miss.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
-    /// Circle: centre unit vector minus the tile's reference vector. Polygon: `c[0]` holds the
-    /// [`PolyGrid`] index as raw bits (the threshold is `NaN`, so the values are never compared).
+    /// Circle: centre unit vector minus the tile's reference vector. Polygon: the latitude range
+    /// (rounded outwards) and the [`PolyGrid`] index as raw bits (the threshold is `NaN`, so the
+    /// chord test never decides a polygon).
     c: [f32; 3],
     /// Circle: `4 sin²(r / 2R)`, the squared chord of the radius. Polygon: `NaN`.
     t: f32,
@@ -191,17 +192,27 @@ impl Level {
     #[inline]
     fn scan(&self, index: &FenceIndex, p: LatLon, probe: &Probe, out: &mut Vec<Hit>) {
         let q = probe.q;
-        for e in &self.entries[probe.start as usize..probe.end as usize] {
+        let entries = &self.entries[probe.start as usize..probe.end as usize];
+        // Write every candidate and advance only past the matching ones: no branch on the
+        // (unpredictable) outcome of the test, only on the rare undecided case.
+        let base = out.len();
+        out.resize(base + entries.len(), Hit { campaign: 0, fence: 0 });
+        let mut w = base;
+        for e in entries {
             let (dx, dy, dz) = (q[0] - e.c[0], q[1] - e.c[1], q[2] - e.c[2]);
             let d = dx * dx + dy * dy + dz * dz - e.t;
             let band = self.band_abs + BAND_REL * e.t;
-            if d < -band {
-                out.push(e.hit);
-            } else if (d <= band || d.is_nan()) && index.exact(e, p) {
-                // Within the error band of the boundary, or a polygon: decided exactly.
-                out.push(e.hit);
+            let mut inside = d < -band;
+            // `|d| ≤ band` or NaN: within the error band of the boundary, or a polygon (rare in
+            // circle cells, so this branch predicts well): decide exactly.
+            #[allow(clippy::neg_cmp_op_on_partial_ord)]
+            if !(d.abs() > band) {
+                inside = index.exact(e, p);
             }
+            out[w] = e.hit;
+            w += inside as usize;
         }
+        out.truncate(w);
     }
 
     fn heap_bytes(&self) -> usize {
@@ -393,7 +404,11 @@ impl FenceIndex {
                                 }
                             }
                             (_, pi) => {
-                                Entry { c: [f32::from_bits(pi.unwrap_or(u32::MAX)), 0.0, 0.0], t: f32::NAN, hit }
+                                // Latitude range rounded outwards (1e-4° ≫ an f32 ulp at 90°), so
+                                // most candidates are rejected without touching the polygon.
+                                let (lat_lo, lat_hi, _) = fence_bounds(&fence.shape);
+                                let (lo, hi) = ((lat_lo - 1e-4) as f32, (lat_hi + 1e-4) as f32);
+                                Entry { c: [lo, hi, f32::from_bits(pi.unwrap_or(u32::MAX))], t: f32::NAN, hit }
                             }
                         };
                         *at += 1;
@@ -491,12 +506,18 @@ impl FenceIndex {
     /// The exact test for an entry the fast test could not decide.
     #[cold]
     fn exact(&self, e: &Entry, p: LatLon) -> bool {
-        match self.shape(e.hit) {
-            Shape::Circle(c) => c.contains(p),
-            Shape::Polygon(poly) => match self.polys.get(e.c[0].to_bits() as usize) {
-                Some((h, grid)) if *h == e.hit => grid.contains(poly, p),
-                _ => poly.contains(p),
-            },
+        if !e.t.is_nan() {
+            return self.shape(e.hit).contains(p);
+        }
+        if p.lat < e.c[0] as f64 || p.lat > e.c[1] as f64 {
+            return false;
+        }
+        match self.polys.get(e.c[2].to_bits() as usize) {
+            Some((h, grid)) if *h == e.hit => grid.contains(p, || match self.shape(e.hit) {
+                Shape::Polygon(poly) => Some(poly),
+                Shape::Circle(_) => None,
+            }),
+            _ => self.shape(e.hit).contains(p),
         }
     }
 }

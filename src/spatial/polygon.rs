@@ -168,7 +168,9 @@ impl PolyGrid {
 
     /// API.md rule 1 for `poly` (the polygon this grid was built from): the same answer as
     /// [`Polygon::contains`], including its three longitude shifts.
-    pub(crate) fn contains(&self, poly: &Polygon, p: LatLon) -> bool {
+    /// `poly` yields the polygon for the rare exact fallback (fetched only then: it is a few
+    /// cache misses away).
+    pub(crate) fn contains<'a>(&self, p: LatLon, poly: impl Fn() -> Option<&'a Polygon> + Copy) -> bool {
         let [min_lon, min_lat, max_lon, max_lat] = self.bbox;
         if p.lat < min_lat || p.lat > max_lat {
             return false;
@@ -180,7 +182,7 @@ impl PolyGrid {
     }
 
     /// Inside or on the boundary, for a point already within the bounding box.
-    fn position(&self, poly: &Polygon, p: Coord<f64>) -> bool {
+    fn position<'a>(&self, poly: impl Fn() -> Option<&'a Polygon>, p: Coord<f64>) -> bool {
         let i = col(p.x, self.bbox[0], self.sx, self.nx);
         let j = col(p.y, self.bbox[1], self.sy, self.ny);
         let cell = self.cells[(j * self.nx + i) as usize];
@@ -189,7 +191,7 @@ impl PolyGrid {
             OUTSIDE => false,
             k => {
                 let b = &self.boundary[k as usize];
-                let exact = || poly.unwrapped().coordinate_position(&p) != CoordPos::Outside;
+                let exact = || poly().is_some_and(|g| g.unwrapped().coordinate_position(&p) != CoordPos::Outside);
                 if b.always_exact {
                     return exact();
                 }
