@@ -136,7 +136,18 @@ struct Walk<'a> {
     out: Vec<DemoPing>,
 }
 
-impl Walk<'_> {
+impl<'a> Walk<'a> {
+    /// The pings of one shopper leaving `start` at `ts_ms` and lingering at each stop in turn.
+    fn route(rng: &'a mut ChaCha8Rng, user_id: String, ts_ms: i64, start: LatLon, stops: &[LatLon]) -> Vec<DemoPing> {
+        let mut walk = Walk { rng, user_id, ts_ms, at: start, out: Vec::new() };
+        walk.ping(start);
+        for &stop in stops {
+            walk.travel_to(stop);
+            walk.linger();
+        }
+        walk.out
+    }
+
     fn ping(&mut self, at: LatLon) {
         // Phones are noisy: a few metres of jitter, now and then a poor fix or a mock provider.
         let noisy = offset(at, self.rng.gen_range(-6.0..6.0), self.rng.gen_range(-6.0..6.0));
@@ -194,19 +205,8 @@ pub fn shoppers(places: &[Place], n: usize, seed: u64, start_ms: i64, id_prefix:
             std::iter::once(home.at).chain(nearby.iter().take(rng.gen_range(1..5)).map(|(_, p)| p.at)).collect();
         let bearing: f64 = rng.gen_range(0.0..std::f64::consts::TAU);
         let start = offset(home.at, 400.0 * bearing.cos(), 400.0 * bearing.sin());
-        let mut walk = Walk {
-            user_id: format!("{id_prefix}{s:05}"),
-            ts_ms: start_ms + rng.gen_range(0..3_600_000),
-            at: start,
-            out: Vec::new(),
-            rng: &mut rng,
-        };
-        walk.ping(start);
-        for stop in stops {
-            walk.travel_to(stop);
-            walk.linger();
-        }
-        pings.extend(walk.out);
+        let ts_ms = start_ms + rng.gen_range(0..3_600_000);
+        pings.extend(Walk::route(&mut rng, format!("{id_prefix}{s:05}"), ts_ms, start, &stops));
     }
     pings
 }
@@ -223,19 +223,8 @@ pub fn wanderers(bbox: [f64; 4], n: usize, seed: u64, start_ms: i64, id_prefix: 
         };
         let start = point(&mut rng);
         let stops: Vec<LatLon> = (0..rng.gen_range(2..5)).map(|_| point(&mut rng)).collect();
-        let mut walk = Walk {
-            user_id: format!("{id_prefix}{s:05}"),
-            ts_ms: start_ms + rng.gen_range(0..3_600_000),
-            at: start,
-            out: Vec::new(),
-            rng: &mut rng,
-        };
-        walk.ping(start);
-        for stop in stops {
-            walk.travel_to(stop);
-            walk.linger();
-        }
-        pings.extend(walk.out);
+        let ts_ms = start_ms + rng.gen_range(0..3_600_000);
+        pings.extend(Walk::route(&mut rng, format!("{id_prefix}{s:05}"), ts_ms, start, &stops));
     }
     pings
 }
