@@ -240,7 +240,7 @@ async fn report(
         println!("Match latency: not reported by /metrics");
     } else {
         let parts: Vec<String> = quantiles.iter().map(|(q, ns)| format!("p{q} {ns:.0} ns")).collect();
-        println!("Match latency per ping (server side, /metrics): {}", parts.join(", "));
+        println!("Match time per ping (server side, amortised over each request, from /metrics): {}", parts.join(", "));
     }
     println!("Demo finished in {:.1} s.", total.as_secs_f64());
     Ok(())
