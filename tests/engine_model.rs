@@ -849,3 +849,150 @@ fn engine_and_memory_store_match_the_reference() {
         assert!(coverage.contains(outcome), "no scenario reached {outcome}: {coverage:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hand-written end-to-end cases for edges the scenarios reach only rarely.
+
+/// A ping `s` seconds after the base time.
+fn ping(u: &str, place: LatLon, s: i64) -> Ping {
+    Ping { user_id: user(u), at: place, ts_ms: BASE_MS + s * 1000, accuracy_m: None, speed_mps: None, mocked: false }
+}
+
+/// Inside fence `f0` of [`one_fence`] campaigns.
+fn inside() -> LatLon {
+    at(0.0, 0.0)
+}
+
+/// Outside every fence of these tests.
+fn outside() -> LatLon {
+    at(0.0, 1_000.0)
+}
+
+fn one_fence(id: &str, trigger: Trigger) -> Campaign {
+    campaign(id, trigger, vec![circle("f0", (0.0, 0.0), 50.0)])
+}
+
+/// An engine (speed check off, no daily cap unless given) with these campaigns created through it.
+async fn engine_with(campaigns: Vec<Campaign>, daily_cap: u32) -> Arc<Engine> {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let engine = Engine::start(store, config(0.0, daily_cap)).await.expect("engine starts");
+    for c in campaigns {
+        engine.create_campaign(c).await.expect("create");
+    }
+    engine
+}
+
+/// Sends one request; the coupons it issued as (campaign, fence, seconds after base), sorted.
+async fn send(engine: &Engine, pings: Vec<Ping>) -> Vec<(String, String, i64)> {
+    let report = engine.ingest(pings).await.expect("ingest");
+    let mut issued: Vec<_> = report
+        .events
+        .iter()
+        .map(|e| (e.campaign_id.to_string(), e.fence_id.to_string(), (e.issued_at_ms - BASE_MS) / 1000))
+        .collect();
+    issued.sort();
+    issued
+}
+
+fn coupon(campaign: &str, s: i64) -> (String, String, i64) {
+    (campaign.to_owned(), "f0".to_owned(), s)
+}
+
+#[tokio::test]
+async fn a_dwell_candidate_refused_by_the_schedule_is_used_up_for_its_stay() {
+    let mut c = one_fence("c", Trigger::Dwell { dwell_s: 10 });
+    c.schedule = Some(Schedule { starts_at_ms: Some(BASE_MS + 15_000), ..Schedule::default() });
+    let engine = engine_with(vec![c], 0).await;
+    // Due at 12 s, before the schedule opens: refused, and not retried at 20 s in the same stay.
+    assert_eq!(send(&engine, vec![ping("u", inside(), 0), ping("u", inside(), 12)]).await, vec![]);
+    assert_eq!(send(&engine, vec![ping("u", inside(), 20)]).await, vec![]);
+    // A new stay is due again.
+    let next_stay = vec![ping("u", outside(), 25), ping("u", inside(), 30), ping("u", inside(), 40)];
+    assert_eq!(send(&engine, next_stay).await, vec![coupon("c", 40)]);
+}
+
+#[tokio::test]
+async fn an_enter_refused_by_audience_is_not_retried_when_a_device_gains_the_tag_mid_stay() {
+    let mut c = one_fence("c", Trigger::Enter);
+    c.audience_tags = vec!["vip".into()];
+    c.audience_given = true;
+    let engine = engine_with(vec![c], 0).await;
+    assert_eq!(send(&engine, vec![ping("u", inside(), 0)]).await, vec![]);
+    let phone = DeviceId::parse("device_id", "phone").expect("device id");
+    engine.store().put_device(&user("u"), &phone, device(&["vip"])).await.expect("put_device");
+    assert_eq!(send(&engine, vec![ping("u", inside(), 5)]).await, vec![]);
+    assert_eq!(send(&engine, vec![ping("u", outside(), 10), ping("u", inside(), 15)]).await, vec![coupon("c", 15)]);
+}
+
+#[tokio::test]
+async fn put_forgets_the_stays_of_the_replaced_campaign_but_not_its_coupons() {
+    let dwell = one_fence("d", Trigger::Dwell { dwell_s: 10 });
+    let mut enter = one_fence("e", Trigger::Enter);
+    enter.caps = Caps { per_user_max: 1, ..Caps::default() };
+    let control = one_fence("z", Trigger::Dwell { dwell_s: 10 });
+    let engine = engine_with(vec![dwell.clone(), enter.clone(), control], 0).await;
+    assert_eq!(send(&engine, vec![ping("u", inside(), 0)]).await, vec![coupon("e", 0)]);
+    engine.replace_campaign(dwell).await.expect("replace d");
+    engine.replace_campaign(enter).await.expect("replace e");
+    // `d`'s stay restarted at 12 s (the control, not replaced, is due); `e` sees an enter again
+    // but its per-user maximum still counts the coupon issued before the PUT.
+    assert_eq!(send(&engine, vec![ping("u", inside(), 12)]).await, vec![coupon("z", 12)]);
+    assert_eq!(send(&engine, vec![ping("u", inside(), 21)]).await, vec![]);
+    assert_eq!(send(&engine, vec![ping("u", inside(), 22)]).await, vec![coupon("d", 22)]);
+    let stats = engine.store().campaign_stats(&CampaignId::parse("id", "e").expect("id")).await.expect("stats");
+    assert_eq!(stats.issued, 1);
+}
+
+#[tokio::test]
+async fn delete_stops_issuing_and_a_reused_id_is_a_new_campaign() {
+    let mut c = one_fence("c", Trigger::Enter);
+    c.caps = Caps { per_user_max: 1, ..Caps::default() };
+    let engine = engine_with(vec![c.clone()], 0).await;
+    assert_eq!(send(&engine, vec![ping("u", inside(), 0)]).await, vec![coupon("c", 0)]);
+    engine.delete_campaign(&c.id).await.expect("delete");
+    assert_eq!(send(&engine, vec![ping("u", outside(), 5), ping("u", inside(), 10)]).await, vec![]);
+    // Issued coupons stay in the wallet.
+    assert_eq!(engine.store().wallet(&user("u")).await.expect("wallet").len(), 1);
+    // The same id created again starts from zero: its per-user maximum allows a coupon, and the
+    // user is in no stay of it.
+    engine.create_campaign(c).await.expect("re-create");
+    assert_eq!(send(&engine, vec![ping("u", inside(), 15)]).await, vec![coupon("c", 15)]);
+    assert_eq!(engine.store().wallet(&user("u")).await.expect("wallet").len(), 2);
+}
+
+#[tokio::test]
+async fn a_retried_identical_request_issues_nothing_new() {
+    let engine = engine_with(vec![one_fence("c", Trigger::Enter)], 0).await;
+    // Out of array order on purpose: applied as 0 s, 5 s, 10 s.
+    let request = vec![ping("u", inside(), 10), ping("u", inside(), 0), ping("u", outside(), 5)];
+    let first = engine.ingest(request.clone()).await.expect("ingest");
+    assert!(first.ignored.is_empty());
+    let mut issued: Vec<i64> = first.events.iter().map(|e| e.issued_at_ms).collect();
+    issued.sort();
+    assert_eq!(issued, vec![BASE_MS, BASE_MS + 10_000]);
+
+    let retry = engine.ingest(request).await.expect("ingest");
+    assert!(retry.events.is_empty(), "{:?}", retry.events);
+    // The older two are stale now; the newest has an equal ts_ms, is applied and changes nothing.
+    let mut ignored: Vec<(usize, &str)> = retry.ignored.iter().map(|&(i, r)| (i, r.as_str())).collect();
+    ignored.sort();
+    assert_eq!(ignored, vec![(1, "stale"), (2, "stale")]);
+    assert_eq!(engine.store().wallet(&user("u")).await.expect("wallet").len(), 2);
+}
+
+#[tokio::test]
+async fn the_daily_cap_takes_campaigns_in_id_order_over_the_window_ts_minus_24h_to_ts() {
+    let at_f1 = |id: &str| campaign(id, Trigger::Enter, vec![circle("f0", (0.0, 0.0), 50.0)]);
+    let d = campaign("d", Trigger::Enter, vec![circle("f0", (0.0, 300.0), 50.0)]);
+    let e = campaign("e", Trigger::Enter, vec![circle("f0", (0.0, 600.0), 50.0)]);
+    // Created out of id order.
+    let engine = engine_with(vec![at_f1("c"), at_f1("a"), d, e, at_f1("b")], 2).await;
+    assert_eq!(send(&engine, vec![ping("u", inside(), 0)]).await, vec![coupon("a", 0), coupon("b", 0)]);
+    // 1 ms short of a day later both coupons are still in the window; a day later they are not.
+    let mut late = ping("u", at(0.0, 300.0), 0);
+    late.ts_ms += DAY_MS - 1;
+    assert_eq!(send(&engine, vec![late]).await, vec![]);
+    let mut later = ping("u", at(0.0, 600.0), 0);
+    later.ts_ms += DAY_MS;
+    assert_eq!(send(&engine, vec![later]).await, vec![("e".to_owned(), "f0".to_owned(), DAY_MS / 1000)]);
+}
