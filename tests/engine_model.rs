@@ -8,6 +8,16 @@
 //! counting the coupons. It shares no code with the engine beyond the unit-tested domain helpers
 //! (`Shape::contains`, `Shape::anchor`, `haversine_m`, `Campaign::is_issuing_at`).
 //!
+//! Where API.md leaves a choice open, the reference mirrors the engine and store, and says so:
+//! - pings of different users in one request are applied in user id order (only `total_max` can
+//!   tell);
+//! - a coupon is identified by (campaign, user, `ts_ms`) (rule 6), so two applied pings of one
+//!   user at one time issue a campaign's coupon at most once, even across a delete and re-create;
+//! - a deleted and re-created campaign id is a new campaign: its caps count from zero;
+//! - the cooldown is two-sided in event time, as the store keeps it; through one engine a later
+//!   coupon cannot exist (the ping would be stale), so this is API.md's "within the last
+//!   `per_user_cooldown_s`".
+//!
 //! Scenarios are generated from a fixed seed, so a failure reproduces; a table of hand-written
 //! cases follows for edges the generator reaches only rarely.
 
@@ -274,6 +284,7 @@ impl CampaignSpec {
             c.audience_given = true;
         }
         c.max_accuracy_m = self.strict_accuracy.then_some(20.0);
+        c.coupon.valid_for_s = (self.id_rotation == 0).then_some(600);
         c
     }
 }
@@ -757,6 +768,9 @@ async fn run_scenario(s: &Scenario) -> Result<BTreeSet<&'static str>, TestCaseEr
                 &event.coupon_id,
                 &CouponId::derive(&event.campaign_id, &event.user_id, event.issued_at_ms)
             );
+            // API.md "Time": expires_at_ms = ts_ms + valid_for_s × 1000, or never.
+            let valid_for_s = reference.world[event.campaign_id.as_str()].def.coupon.valid_for_s;
+            prop_assert_eq!(event.expires_at_ms, valid_for_s.map(|v| event.issued_at_ms + v * 1000));
         }
         let got = Answer::of_report(&report);
         prop_assert_eq!(&got, &expected, "request {} of {}: {:#?}", n, s.requests.len(), pings);
