@@ -182,11 +182,10 @@ impl Engine {
     /// order), whatever their order in `pings`; positions in the report refer to `pings`.
     pub async fn ingest(&self, pings: Vec<Ping>) -> Result<IngestReport, StoreError> {
         let mut order: Vec<usize> = (0..pings.len()).collect();
-        // Stable: equal (user, ts) keep their array order.
-        order.sort_by(|&a, &b| {
-            let (pa, pb) = (&pings[a], &pings[b]);
-            pa.user_id.cmp(&pb.user_id).then(pa.ts_ms.cmp(&pb.ts_ms))
-        });
+        // Event-time order across the whole request (stable: equal `ts_ms` keep their array
+        // order). That applies each user's pings in ts order, as API.md requires, and lets the
+        // earliest ping win where users compete for a campaign's last coupon (`total_max`).
+        order.sort_by_key(|&i| pings[i].ts_ms);
 
         // Match the whole request at once: the batch path overlaps the index's cache misses.
         let snapshot = self.index.snapshot();

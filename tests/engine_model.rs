@@ -9,8 +9,8 @@
 //! (`Shape::contains`, `Shape::anchor`, `haversine_m`, `Campaign::is_issuing_at`).
 //!
 //! Where API.md leaves a choice open, the reference mirrors the engine and store, and says so:
-//! - pings of different users in one request are applied in user id order (only `total_max` can
-//!   tell);
+//! - pings of one request are applied in `ts_ms` order across users too, ties in array order
+//!   (only `total_max` can tell);
 //! - a coupon is identified by (campaign, user, `ts_ms`) (rule 6), so two applied pings of one
 //!   user at one time issue a campaign's coupon at most once, even across a delete and re-create;
 //! - a deleted and re-created campaign id is a new campaign: its caps count from zero;
@@ -638,7 +638,7 @@ impl Reference {
         // Each user's pings in (ts, position) order. Users are independent except for
         // `total_max`; API.md leaves the order across users open, and this is the engine's.
         let mut order: Vec<usize> = (0..pings.len()).collect();
-        order.sort_by(|&a, &b| (&pings[a].user_id, pings[a].ts_ms, a).cmp(&(&pings[b].user_id, pings[b].ts_ms, b)));
+        order.sort_by_key(|&i| (pings[i].ts_ms, i));
         let mut answer = Answer { ignored: BTreeSet::new(), issued: Vec::new() };
         for position in order {
             let p = &pings[position];
@@ -1009,4 +1009,15 @@ async fn the_daily_cap_takes_campaigns_in_id_order_over_the_window_ts_minus_24h_
     let mut later = ping("u", at(0.0, 600.0), 0);
     later.ts_ms += DAY_MS;
     assert_eq!(send(&engine, vec![later]).await, vec![("e".to_owned(), "f0".to_owned(), DAY_MS / 1000)]);
+}
+
+#[tokio::test]
+async fn users_competing_for_the_last_coupon_are_served_in_event_time_order() {
+    let mut c = one_fence("c", Trigger::Enter);
+    c.caps = Caps { total_max: 1, ..Caps::default() };
+    let engine = engine_with(vec![c], 0).await;
+    // "a" sorts first by id and comes first in the array, but "b" was there a second earlier.
+    let report = engine.ingest(vec![ping("a", inside(), 1), ping("b", inside(), 0)]).await.expect("ingest");
+    let winners: Vec<&str> = report.events.iter().map(|e| e.user_id.as_str()).collect();
+    assert_eq!(winners, vec!["b"]);
 }
