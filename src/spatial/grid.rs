@@ -9,21 +9,25 @@
 //! tiles some fence touches exist (a hash map from tile key to tile), so fences spread over the
 //! world never allocate a world-sized array. A tile's cells are ranges of one dense entry array.
 //!
-//! Entries (24 bytes, the hit inline). A circle entry holds its centre as a unit vector *relative to the tile's
+//! Circle entries (24 bytes, the hit inline). A circle entry holds its centre as a unit vector *relative to the tile's
 //! centre* in `f32` (small numbers, so `f32` keeps ~1 mm), and its threshold on the squared chord,
 //! `4 sin²(r / 2R)`. Since `haversine ≤ r ⇔ chord² ≤ 4 sin²(r / 2R)`, the test is a 3-D
 //! difference and a dot product. Its rounding error is bounded ([`Level::band_abs`],
 //! [`BAND_REL`]); a ping within that band of the circle takes the exact path through
-//! [`Shape::contains`], so answers equal the brute force bit for bit. A polygon entry has a `NaN`
-//! threshold (so it always takes the exact path), its latitude range as a pre-check, and the index
-//! of its [`PolyGrid`], which answers exactly and cheaply. The candidate loop is branch-free on the
-//! test's outcome; [`FenceIndex::matches_many`] overlaps the cache misses of 16 pings.
+//! [`Shape::contains`], so answers equal the brute force bit for bit. The candidate loop is
+//! branch-free on the test's outcome; [`FenceIndex::matches_many`] overlaps the cache misses of 16
+//! pings.
+//!
+//! Polygons have their own entries (28 bytes) after a cell's circles: the polygon's bounding box
+//! relative to the tile's centre in `f32` (widened by a per-level margin), so most candidates are
+//! rejected without touching the polygon, then either a compact crossing-number test
+//! ([`SmallPolys`], ≤ 32 edges, exact fallback near an edge) or the polygon's [`PolyGrid`].
 
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use super::polygon::PolyGrid;
+use super::polygon::{PolyGrid, SmallPolys};
 use super::Hit;
 use crate::domain::geo::{LatLon, Shape, EARTH_RADIUS_M};
 use crate::domain::Campaign;
@@ -40,19 +44,34 @@ const BAND_REL: f32 = 8e-6;
 /// Slack added to every cover, degrees: far above rounding of `floor(deg · 2^k)` (~1e-13°).
 const COVER_SLACK_DEG: f64 = 1e-9;
 
-/// One fence in one cell: 24 bytes, read sequentially for every ping in the cell. The hit is
+/// One circle in one cell: 24 bytes, read sequentially for every ping in the cell. The hit is
 /// inline so a match costs no further cache miss.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
-    /// Circle: centre unit vector minus the tile's reference vector. Polygon: the latitude range
-    /// (rounded outwards) and the [`PolyGrid`] index as raw bits (the threshold is `NaN`, so the
-    /// chord test never decides a polygon).
+    /// Centre unit vector minus the tile's reference vector.
     c: [f32; 3],
-    /// Circle: `4 sin²(r / 2R)`, the squared chord of the radius. Polygon: `NaN`.
+    /// `4 sin²(r / 2R)`, the squared chord of the radius.
     t: f32,
     /// The fence.
     hit: Hit,
 }
+
+/// One polygon in one cell: 28 bytes.
+#[derive(Debug, Clone, Copy)]
+struct PolyEntry {
+    /// Bounding box relative to the tile's centre, degrees, `[lon0, lat0, lon1, lat1]` (longitudes
+    /// in the frame nearest the tile); the ping's offsets are compared with it widened by the
+    /// level's [`Level::poly_margin`].
+    b: [f32; 4],
+    /// The fence.
+    hit: Hit,
+    /// [`BIG`] set: index into [`FenceIndex::polys`]; else the polygon's position in
+    /// [`FenceIndex::small`].
+    at: u32,
+}
+
+/// Flag of [`PolyEntry::at`]: the polygon has a [`PolyGrid`].
+const BIG: u32 = 1 << 31;
 
 /// One grid level.
 #[derive(Debug, Default)]
@@ -66,10 +85,14 @@ struct Level {
     tiles: FxHashMap<u64, u32>,
     /// Per tile: its centre, the origin the entries' `f32` offsets are taken from.
     refs: Vec<TileRef>,
-    /// Per tile, per cell (`tile · 64 + row · 8 + col`): start of the cell's entries; one extra
-    /// trailing value closes the last cell.
-    offsets: Vec<u32>,
+    /// Per tile, per cell (`tile · 64 + row · 8 + col`): start of the cell's circle entries and
+    /// of its polygon entries; one extra trailing pair closes the last cell.
+    offsets: Vec<[u32; 2]>,
     entries: Vec<Entry>,
+    poly_entries: Vec<PolyEntry>,
+    /// Widening of polygon bounding boxes (degrees): far above the `f32` rounding of offsets
+    /// within a fence's cover at this level.
+    poly_margin: f32,
     /// Absolute error band of the chord test at this level, `1e-6 · h²` with `h` a bound on the
     /// distance (radians) of any point of a tile from its reference: covers `f32` rounding of
     /// the offsets, whose size is bounded by the tile.
@@ -101,8 +124,10 @@ pub struct FenceIndex {
     fence_count: usize,
     levels: Vec<Level>,
     global: Vec<GlobalFence>,
-    /// Polygon grids; a polygon entry names one.
+    /// Grids of the polygons too big for [`SmallPolys`]; a [`BIG`] polygon entry names one.
     polys: Vec<(Hit, PolyGrid)>,
+    /// The small polygons.
+    small: SmallPolys,
 }
 
 impl Level {
@@ -115,7 +140,9 @@ impl Level {
             n_lon: 360 << shift,
             n_lat: 180 << shift,
             band_abs: (1e-6 * h * h) as f32,
-            offsets: vec![0],
+            // The cover spans ≤ 64 cells (8 tiles): offsets below 9 tiles, f32 ulp ≤ 2⁻²⁰ · tile.
+            poly_margin: (tile_deg * 1e-4) as f32,
+            offsets: vec![[0, 0]],
             ..Self::default()
         }
     }
@@ -143,7 +170,7 @@ impl Level {
     }
 
     /// Tile number for a key, creating the tile (and its reference vector) if needed.
-    fn tile_for(&mut self, key: u64, counts: &mut Vec<u32>) -> usize {
+    fn tile_for(&mut self, key: u64, counts: &mut Vec<[u32; 2]>) -> usize {
         let next = self.refs.len() as u32;
         let t = *self.tiles.entry(key).or_insert(next) as usize;
         if t == self.refs.len() {
@@ -154,7 +181,7 @@ impl Level {
             let (sin_lat, cos_lat) = lat.to_radians().sin_cos();
             let (sin_lon, cos_lon) = lon.to_radians().sin_cos();
             self.refs.push(TileRef { lat, lon, sin_lat, cos_lat, sin_lon, cos_lon });
-            counts.resize(counts.len() + (TILE * TILE) as usize, 0);
+            counts.resize(counts.len() + (TILE * TILE) as usize, [0, 0]);
         }
         t
     }
@@ -178,14 +205,24 @@ impl Level {
         let (key, local) = Self::key(la, lo);
         let Some(&tile) = self.tiles.get(&key) else { return Probe::EMPTY };
         let cell = tile as usize * (TILE * TILE) as usize + local;
-        let (start, end) = (self.offsets[cell], self.offsets[cell + 1]);
-        if start == end {
+        let ([start, pstart], [end, pend]) = (self.offsets[cell], self.offsets[cell + 1]);
+        if start == end && pstart == pend {
             return Probe::EMPTY;
         }
         let t = &self.refs[tile as usize];
         let v = t.unit_near(p.lat, p.lon);
         let r = t.unit();
-        Probe { start, end, q: [(v[0] - r[0]) as f32, (v[1] - r[1]) as f32, (v[2] - r[2]) as f32] }
+        let m = self.poly_margin;
+        let (dlat, dlon) = ((p.lat - t.lat) as f32, wrap_deg(p.lon - t.lon) as f32);
+        Probe {
+            start,
+            end,
+            pstart,
+            pend,
+            q: [(v[0] - r[0]) as f32, (v[1] - r[1]) as f32, (v[2] - r[2]) as f32],
+            lo: [dlon - m, dlat - m],
+            hi: [dlon + m, dlat + m],
+        }
     }
 
     /// Appends the fences of the probed cell that contain the ping.
@@ -203,24 +240,30 @@ impl Level {
             let d = dx * dx + dy * dy + dz * dz - e.t;
             let band = self.band_abs + BAND_REL * e.t;
             let mut inside = d < -band;
-            // `|d| ≤ band` or NaN: within the error band of the boundary, or a polygon (rare in
-            // circle cells, so this branch predicts well): decide exactly.
+            // `|d| ≤ band`: within the error band of the boundary (rare): decide exactly.
             #[allow(clippy::neg_cmp_op_on_partial_ord)]
             if !(d.abs() > band) {
-                inside = index.exact(e, p);
+                inside = index.shape(e.hit).contains(p);
             }
             out[w] = e.hit;
             w += inside as usize;
         }
         out.truncate(w);
+        let (lo, hi) = (probe.lo, probe.hi);
+        for e in &self.poly_entries[probe.pstart as usize..probe.pend as usize] {
+            if e.b[0] <= hi[0] && e.b[2] >= lo[0] && e.b[1] <= hi[1] && e.b[3] >= lo[1] && index.poly_contains(e, p) {
+                out.push(e.hit);
+            }
+        }
     }
 
     fn heap_bytes(&self) -> usize {
         // hashbrown: one control byte per bucket plus the (key, value) pair.
         self.tiles.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
             + self.refs.capacity() * std::mem::size_of::<TileRef>()
-            + self.offsets.capacity() * 4
+            + self.offsets.capacity() * std::mem::size_of::<[u32; 2]>()
             + self.entries.capacity() * std::mem::size_of::<Entry>()
+            + self.poly_entries.capacity() * std::mem::size_of::<PolyEntry>()
     }
 }
 
@@ -228,13 +271,34 @@ impl Level {
 /// memory latency of many pings).
 #[derive(Debug, Clone, Copy)]
 struct Probe {
+    /// The cell's circle entries.
     start: u32,
     end: u32,
+    /// The cell's polygon entries.
+    pstart: u32,
+    pend: u32,
+    /// Circles: the ping's unit vector minus the tile's.
     q: [f32; 3],
+    /// Polygons: the ping's `[lon, lat]` offsets from the tile's centre, minus and plus the
+    /// level's margin.
+    lo: [f32; 2],
+    hi: [f32; 2],
 }
 
 impl Probe {
-    const EMPTY: Probe = Probe { start: 0, end: 0, q: [0.0; 3] };
+    const EMPTY: Probe = Probe { start: 0, end: 0, pstart: 0, pend: 0, q: [0.0; 3], lo: [0.0; 2], hi: [0.0; 2] };
+}
+
+/// A longitude difference brought into −180..=180.
+#[inline]
+fn wrap_deg(d: f64) -> f64 {
+    if d > 180.0 {
+        d - 360.0
+    } else if d < -180.0 {
+        d + 360.0
+    } else {
+        d
+    }
 }
 
 /// Centre of a tile and its sines and cosines: the ping's unit vector is then the centre's
@@ -333,6 +397,7 @@ impl FenceIndex {
         let mut placements = Vec::new();
         let mut global = Vec::new();
         let mut polys = Vec::new();
+        let mut small = SmallPolys::default();
         for (ci, campaign) in campaigns.iter().enumerate() {
             for (fi, fence) in campaign.fences.iter().enumerate() {
                 let slot = fences.len() as u32;
@@ -345,80 +410,95 @@ impl FenceIndex {
                 placements.push(placement);
             }
         }
-        // Pass 1: create tiles and count entries per cell.
-        let mut counts: Vec<Vec<u32>> = vec![Vec::new(); levels.len()];
-        for pl in &placements {
-            if let Placement::Grid { level, lat0, lat1, lon0, nlon } = *pl {
-                let (lv, cnt) = (&mut levels[level as usize], &mut counts[level as usize]);
-                let mut cells = Vec::new();
-                lv.for_each_cell(lat0, lat1, lon0, nlon, |key, local| cells.push((key, local)));
-                for (key, local) in cells {
-                    let t = lv.tile_for(key, cnt);
-                    cnt[t * (TILE * TILE) as usize + local] += 1;
-                }
-            }
-        }
-        // Prefix sums: offsets[c] = first entry of cell c.
-        for (lv, cnt) in levels.iter_mut().zip(&counts) {
-            let mut offsets = Vec::with_capacity(cnt.len() + 1);
-            let mut acc = 0u32;
-            for &n in cnt {
-                offsets.push(acc);
-                acc += n;
-            }
-            offsets.push(acc);
-            lv.offsets = offsets;
-            lv.entries = vec![Entry { c: [0.0; 3], t: f32::NAN, hit: Hit { campaign: 0, fence: 0 } }; acc as usize];
-        }
-        // Pass 2: fill the entries.
-        let mut cursors: Vec<Vec<u32>> = levels.iter().map(|lv| lv.offsets.clone()).collect();
+        // Pass 1: create tiles and count entries per cell ([circles, polygons]).
+        let mut counts: Vec<Vec<[u32; 2]>> = vec![Vec::new(); levels.len()];
         let mut slot = 0usize;
         for campaign in &campaigns {
             for fence in &campaign.fences {
-                let pl = placements[slot];
-                let hit = fences[slot];
-                let poly_index = match &fence.shape {
-                    Shape::Polygon(p) => {
-                        polys.push((hit, PolyGrid::build(p)));
-                        Some(polys.len() as u32 - 1)
-                    }
-                    Shape::Circle(_) => None,
-                };
-                if let Placement::Grid { level, lat0, lat1, lon0, nlon } = pl {
-                    let lv = &mut levels[level as usize];
-                    let cur = &mut cursors[level as usize];
+                let kind = matches!(fence.shape, Shape::Polygon(_)) as usize;
+                if let Placement::Grid { level, lat0, lat1, lon0, nlon } = placements[slot] {
+                    let (lv, cnt) = (&mut levels[level as usize], &mut counts[level as usize]);
                     let mut cells = Vec::new();
                     lv.for_each_cell(lat0, lat1, lon0, nlon, |key, local| cells.push((key, local)));
                     for (key, local) in cells {
-                        let t = lv.tiles[&key] as usize;
-                        let at = &mut cur[t * (TILE * TILE) as usize + local];
-                        lv.entries[*at as usize] = match (&fence.shape, poly_index) {
-                            (Shape::Circle(c), _) => {
-                                let cv = unit(c.center.lat, c.center.lon);
-                                let r = lv.refs[t].unit();
-                                let half = c.radius_m / EARTH_RADIUS_M * 0.5;
-                                Entry {
-                                    c: [(cv[0] - r[0]) as f32, (cv[1] - r[1]) as f32, (cv[2] - r[2]) as f32],
-                                    t: (4.0 * half.sin() * half.sin()) as f32,
-                                    hit,
-                                }
-                            }
-                            (_, pi) => {
-                                // Latitude range rounded outwards (1e-4° ≫ an f32 ulp at 90°), so
-                                // most candidates are rejected without touching the polygon.
-                                let (lat_lo, lat_hi, _) = fence_bounds(&fence.shape);
-                                let (lo, hi) = ((lat_lo - 1e-4) as f32, (lat_hi + 1e-4) as f32);
-                                Entry { c: [lo, hi, f32::from_bits(pi.unwrap_or(u32::MAX))], t: f32::NAN, hit }
-                            }
-                        };
-                        *at += 1;
+                        let t = lv.tile_for(key, cnt);
+                        cnt[t * (TILE * TILE) as usize + local][kind] += 1;
                     }
                 }
                 slot += 1;
             }
         }
-        levels.retain(|lv| !lv.entries.is_empty());
-        Self { campaigns, fence_count: fences.len(), levels, global, polys }
+        // Prefix sums: offsets[c] = first circle and first polygon entry of cell c.
+        for (lv, cnt) in levels.iter_mut().zip(&counts) {
+            let mut offsets = Vec::with_capacity(cnt.len() + 1);
+            let mut acc = [0u32; 2];
+            for &[nc, np] in cnt {
+                offsets.push(acc);
+                acc = [acc[0] + nc, acc[1] + np];
+            }
+            offsets.push(acc);
+            lv.offsets = offsets;
+            lv.entries = vec![Entry { c: [0.0; 3], t: f32::NAN, hit: Hit { campaign: 0, fence: 0 } }; acc[0] as usize];
+            lv.poly_entries =
+                vec![PolyEntry { b: [0.0; 4], hit: Hit { campaign: 0, fence: 0 }, at: 0 }; acc[1] as usize];
+        }
+        // Pass 2: fill the entries.
+        let mut cursors: Vec<Vec<[u32; 2]>> = levels.iter().map(|lv| lv.offsets.clone()).collect();
+        let mut slot = 0usize;
+        for campaign in &campaigns {
+            for fence in &campaign.fences {
+                let pl = placements[slot];
+                let hit = fences[slot];
+                slot += 1;
+                let Placement::Grid { level, lat0, lat1, lon0, nlon } = pl else { continue };
+                let lv = &mut levels[level as usize];
+                let cur = &mut cursors[level as usize];
+                let mut cells = Vec::new();
+                lv.for_each_cell(lat0, lat1, lon0, nlon, |key, local| cells.push((key, local)));
+                match &fence.shape {
+                    Shape::Circle(c) => {
+                        let cv = unit(c.center.lat, c.center.lon);
+                        let half = c.radius_m / EARTH_RADIUS_M * 0.5;
+                        let t2 = (4.0 * half.sin() * half.sin()) as f32;
+                        for (key, local) in cells {
+                            let t = lv.tiles[&key] as usize;
+                            let at = &mut cur[t * (TILE * TILE) as usize + local][0];
+                            let r = lv.refs[t].unit();
+                            lv.entries[*at as usize] = Entry {
+                                c: [(cv[0] - r[0]) as f32, (cv[1] - r[1]) as f32, (cv[2] - r[2]) as f32],
+                                t: t2,
+                                hit,
+                            };
+                            *at += 1;
+                        }
+                    }
+                    Shape::Polygon(p) => {
+                        let at = match small.push(p) {
+                            Some(at) => at,
+                            None => {
+                                polys.push((hit, PolyGrid::build(p)));
+                                BIG | (polys.len() as u32 - 1)
+                            }
+                        };
+                        let [x0, y0, x1, y1] = p.bbox();
+                        for (key, local) in cells {
+                            let t = lv.tiles[&key] as usize;
+                            let pos = &mut cur[t * (TILE * TILE) as usize + local][1];
+                            let r = &lv.refs[t];
+                            // The bounding box in the 360° frame nearest the tile's centre (a ping
+                            // in this cell is compared in that frame too).
+                            let shift = ((0.5 * (x0 + x1) - r.lon) / 360.0).round() * 360.0;
+                            let b = [x0 - shift - r.lon, y0 - r.lat, x1 - shift - r.lon, y1 - r.lat];
+                            lv.poly_entries[*pos as usize] =
+                                PolyEntry { b: [b[0] as f32, b[1] as f32, b[2] as f32, b[3] as f32], hit, at };
+                            *pos += 1;
+                        }
+                    }
+                }
+            }
+        }
+        levels.retain(|lv| !lv.entries.is_empty() || !lv.poly_entries.is_empty());
+        Self { campaigns, fence_count: fences.len(), levels, global, polys, small }
     }
 
     /// The campaigns this index was built from, in hit-slot order.
@@ -464,6 +544,9 @@ impl FenceIndex {
                     if let Some(e) = lv.entries.get(probe.start as usize) {
                         touched += e.t;
                     }
+                    if let Some(e) = lv.poly_entries.get(probe.pstart as usize) {
+                        touched += e.b[0];
+                    }
                 }
             }
             std::hint::black_box(touched);
@@ -497,22 +580,23 @@ impl FenceIndex {
             + self.global.capacity() * std::mem::size_of::<GlobalFence>()
             + self.polys.iter().map(|(_, g)| g.heap_bytes()).sum::<usize>()
             + self.polys.capacity() * std::mem::size_of::<(Hit, PolyGrid)>()
+            + self.small.heap_bytes()
     }
 
     fn shape(&self, h: Hit) -> &Shape {
         &self.campaigns[h.campaign as usize].fences[h.fence as usize].shape
     }
 
-    /// The exact test for an entry the fast test could not decide.
-    #[cold]
-    fn exact(&self, e: &Entry, p: LatLon) -> bool {
-        if !e.t.is_nan() {
+    /// Whether the polygon of an entry whose bounding box admitted `p` contains it, exactly.
+    #[inline]
+    fn poly_contains(&self, e: &PolyEntry, p: LatLon) -> bool {
+        if e.at & BIG == 0 {
+            if let Some(inside) = self.small.contains(e.at, p) {
+                return inside;
+            }
             return self.shape(e.hit).contains(p);
         }
-        if p.lat < e.c[0] as f64 || p.lat > e.c[1] as f64 {
-            return false;
-        }
-        match self.polys.get(e.c[2].to_bits() as usize) {
+        match self.polys.get((e.at & !BIG) as usize) {
             Some((h, grid)) if *h == e.hit => grid.contains(p, || match self.shape(e.hit) {
                 Shape::Polygon(poly) => Some(poly),
                 Shape::Circle(_) => None,

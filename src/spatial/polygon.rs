@@ -7,6 +7,11 @@
 //! robust (exact) orientation predicates. Any degenerate case — the point or the centre on an
 //! edge's line, the segment through a vertex — falls back to [`Polygon::contains`]'s own test, so
 //! the answer is always exactly API.md rule 1.
+//!
+//! Small polygons (at most [`SMALL_MAX_EDGES`] edges) get no grid: [`SmallPolys`] keeps their
+//! vertices as `f32` offsets from an origin (8 bytes a vertex) and tests a point by crossing
+//! number, falling back to [`Polygon::contains`] when the point is within the rounding margin of
+//! an edge's line.
 
 use geo::algorithm::kernels::{Kernel, Orientation, RobustKernel};
 use geo::coordinate_position::{CoordPos, CoordinatePosition};
@@ -23,6 +28,126 @@ const OUTSIDE: u32 = u32::MAX - 1;
 const CELLS_PER_EDGE: usize = 4;
 /// Upper bound on cells of one polygon (4 B each), so a huge polygon stays small in memory.
 const MAX_CELLS: usize = 1 << 18;
+
+/// Most edges (all rings) of a polygon kept in [`SmallPolys`]; larger ones get a [`PolyGrid`].
+pub(crate) const SMALL_MAX_EDGES: usize = 32;
+
+/// Compact store of small polygons for an exact crossing-number test.
+///
+/// A polygon at `at` is `pool[at] = [origin lon, origin lat]` (`f32`, in the polygon's unwrapped
+/// frame), `pool[at + 1] = [margin, vertex count as bits]`, then its vertex path as `f32`
+/// offsets from the origin: the outer ring (closed), then each hole (closed) followed by a step
+/// back to the outer ring's first vertex. The two bridge edges to and from a hole are the same
+/// segment both ways, so they cross any ray equally often and cancel in the parity.
+///
+/// Exactness. Rounding moves every vertex and the query point by at most `ε` (`f32` half-ulp of
+/// the polygon's extent, plus `f64` subtraction error); moving them continuously back to their
+/// true positions cannot change the parity unless the point comes within `ε` of the boundary.
+/// So a point whose rounded distance to every edge's line exceeds `margin = 4ε` has the same
+/// parity, i.e. the same answer as [`Polygon::contains`] (even–odd equals inside-or-on for a
+/// valid polygon with holes); a point closer takes the exact path.
+#[derive(Debug, Default)]
+pub(crate) struct SmallPolys {
+    pool: Vec<[f32; 2]>,
+}
+
+impl SmallPolys {
+    /// Stores `poly` if it is small (≤ [`SMALL_MAX_EDGES`] edges, narrower than 170°); returns
+    /// its position.
+    pub(crate) fn push(&mut self, poly: &Polygon) -> Option<u32> {
+        let g = poly.unwrapped();
+        let edges: usize =
+            std::iter::once(g.exterior()).chain(g.interiors()).map(|r| r.0.len().saturating_sub(1)).sum();
+        let [x0, y0, x1, _] = poly.bbox();
+        if edges > SMALL_MAX_EDGES || x1 - x0 >= 170.0 {
+            return None;
+        }
+        let (ox, oy) = (x0 as f32, y0 as f32);
+        let origin = Coord { x: ox as f64, y: oy as f64 };
+        let outer = &g.exterior().0;
+        let mut path: Vec<Coord<f64>> = outer.clone();
+        for hole in g.interiors() {
+            path.extend_from_slice(&hole.0);
+            path.push(outer[0]);
+        }
+        let mut extent = 0.0f64;
+        let mut verts: Vec<[f32; 2]> = Vec::with_capacity(path.len());
+        for c in &path {
+            let (dx, dy) = (c.x - origin.x, c.y - origin.y);
+            extent = extent.max(dx.abs()).max(dy.abs());
+            let v = [dx as f32, dy as f32];
+            // A zero-length edge (repeated vertex, or two vertices rounded together) never
+            // crosses a ray and would force the exact path: drop it.
+            if verts.last() != Some(&v) {
+                verts.push(v);
+            }
+        }
+        // ε: f32 half-ulp of the offsets (≤ extent · 2⁻²⁴) for each vertex, plus the f64
+        // subtractions of vertex and point from the origin (|x| ≤ 540: ulp ≤ 1.2e-13), generous.
+        let eps = extent * (1.0 / (1u64 << 24) as f64) + 1e-12;
+        let margin = 4.0 * (eps + eps);
+        let at = self.pool.len() as u32;
+        self.pool.push([ox, oy]);
+        self.pool.push([next_up(margin as f32), f32::from_bits(verts.len() as u32)]);
+        self.pool.extend_from_slice(&verts);
+        Some(at)
+    }
+
+    /// [`Polygon::contains`] for the polygon stored at `at`, or `None` when the point is too
+    /// close to an edge for the rounded test to decide (the caller then takes the exact path).
+    #[inline]
+    pub(crate) fn contains(&self, at: u32, p: LatLon) -> Option<bool> {
+        let at = at as usize;
+        let [ox, oy] = self.pool[at];
+        let [m, n] = self.pool[at + 1];
+        let verts = &self.pool[at + 2..at + 2 + n.to_bits() as usize];
+        let (ox, oy, m) = (ox as f64, oy as f64, m as f64);
+        // The one shift (as `Polygon::contains` adds it) that can bring the point into the
+        // polygon's frame: the polygon is narrower than 170°, so at most one lands within it.
+        let mut x = p.lon;
+        let d = x - ox;
+        if d > 180.0 {
+            x += -360.0;
+        } else if d < -180.0 {
+            x += 360.0;
+        }
+        let (qx, qy) = (x - ox, p.lat - oy);
+        let mut inside = false;
+        let [a0, a1] = verts[0];
+        let (mut ax, mut ay) = (a0 as f64 - qx, a1 as f64 - qy);
+        for &[b0, b1] in &verts[1..] {
+            let (bx, by) = (b0 as f64 - qx, b1 as f64 - qy);
+            // Both ends more than the margin above (or below) the point: no crossing, and the
+            // point is farther than the margin from this edge.
+            if !((ay > m && by > m) || (ay < -m && by < -m)) {
+                // Twice the signed area of (point, a, b): distance to the line times |b − a|.
+                let c = ax * by - bx * ay;
+                let tol = m * ((bx - ax).abs() + (by - ay).abs()) + 1e-15 * ((ax * by).abs() + (bx * ay).abs());
+                #[allow(clippy::neg_cmp_op_on_partial_ord)]
+                if !(c.abs() > tol) {
+                    return None;
+                }
+                // Half-open rule on y; the edge crosses the ray to +x iff the point is on its
+                // left going up (signs of the differences are exact).
+                if (ay > 0.0) != (by > 0.0) {
+                    inside ^= (c > 0.0) == (by > 0.0);
+                }
+            }
+            (ax, ay) = (bx, by);
+        }
+        Some(inside)
+    }
+
+    /// Heap bytes held by the store.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.pool.capacity() * std::mem::size_of::<[f32; 2]>()
+    }
+}
+
+/// The next `f32` above a positive finite `x`.
+fn next_up(x: f32) -> f32 {
+    f32::from_bits(x.to_bits() + 1)
+}
 
 /// A cell the boundary passes through.
 #[derive(Debug, Clone)]

@@ -374,3 +374,150 @@ fn concurrent_matcher_never_sees_a_torn_state() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(reader.join().expect("reader thread") > 0);
 }
+
+/// Points on and around every vertex and edge of `p`: the vertex itself and its `f64`
+/// neighbours, edge points at several fractions, and those points pushed off the edge by
+/// multiples of the `f32` rounding step of the polygon's extent (the small-polygon margin's scale).
+fn edge_probes(rng: &mut impl Rng, p: &Polygon) -> Vec<LatLon> {
+    let [x0, y0, x1, y1] = p.bbox();
+    let ulp32 = (x1 - x0).max(y1 - y0) * f64::powi(2.0, -24);
+    let mut out = Vec::new();
+    let mut push = |x: f64, y: f64| {
+        if let Some(q) = LatLon::new(y, crate::domain::geo::wrap_lon(x)) {
+            out.push(q);
+        }
+    };
+    let g = p.unwrapped();
+    for ring in std::iter::once(g.exterior()).chain(g.interiors()) {
+        for l in ring.lines() {
+            let (a, b) = (l.start, l.end);
+            push(a.x, a.y);
+            // The nearest `f64` neighbours (for |v| ≥ 1e-300; a zero coordinate just repeats).
+            let step = |v: f64| (v.abs() * f64::EPSILON * 0.5).max(1e-300);
+            push(a.x + step(a.x) * 1.5, a.y);
+            push(a.x, a.y - step(a.y) * 1.5);
+            let (dx, dy) = (b.x - a.x, b.y - a.y);
+            let len = (dx * dx + dy * dy).sqrt().max(1e-300);
+            let (nx, ny) = (-dy / len, dx / len);
+            for t in [0.5, rng.gen_range(0.0..1.0), 1e-9, 1.0 - 1e-9] {
+                let (mx, my) = (a.x + dx * t, a.y + dy * t);
+                push(mx, my);
+                for k in [0.25, 1.0, 3.0, 8.0, 30.0, 1e3, 1e5] {
+                    push(mx + nx * k * ulp32, my + ny * k * ulp32);
+                    push(mx - nx * k * ulp32, my - ny * k * ulp32);
+                }
+            }
+            // Along the horizontal through the vertex: the ray of the crossing test runs
+            // through the vertex.
+            for k in [-1e5, -3.0, 3.0, 1e5] {
+                push(a.x + k * ulp32, a.y);
+            }
+        }
+    }
+    out
+}
+
+/// The small-polygon crossing test on its own (not masked by the exact fallback): whenever it
+/// answers, it answers what `Polygon::contains` does, and it answers away from the edges.
+#[test]
+fn small_polygon_test_is_exact_or_defers() {
+    use super::polygon::SmallPolys;
+    let mut rng = testdata::rng(21);
+    let mut store = SmallPolys::default();
+    let (mut decided, mut deferred, mut far_deferred) = (0usize, 0usize, 0usize);
+    let mut polys = Vec::new();
+    for (area, radii) in [
+        (testdata::CITY, (0.0008, 0.005)),
+        ((-1.0, 1.0, 179.5, 180.5), (0.001, 0.3)),
+        ((85.0, 89.0, -180.0, 180.0), (0.01, 0.5)),
+        ((-30.0, 30.0, -1.0, 1.0), (0.0001, 3.0)),
+    ] {
+        for _ in 0..60 {
+            let c = testdata::point(&mut rng, area);
+            let c = LatLon { lat: c.lat, lon: crate::domain::geo::wrap_lon(c.lon) };
+            let n = rng.gen_range(3..=14);
+            let r = rng.gen_range(radii.0..=radii.1);
+            let hole = rng.gen_bool(0.5);
+            if let Some(p) = testdata::star_polygon(&mut rng, c, n, (r * 0.5, r), hole) {
+                polys.push(p);
+            }
+        }
+    }
+    for p in &polys {
+        let at = store.push(p).expect("at most 32 edges: small");
+        let [x0, y0, x1, y1] = p.bbox();
+        let mut pings = edge_probes(&mut rng, p);
+        let inner = pings.len();
+        for _ in 0..200 {
+            let (lat, lon) = (rng.gen_range(y0 - 0.1 * (y1 - y0)..=y1 + 0.1 * (y1 - y0)), rng.gen_range(x0..=x1));
+            if let Some(q) = LatLon::new(lat.clamp(-90.0, 90.0), crate::domain::geo::wrap_lon(lon)) {
+                pings.push(q);
+            }
+        }
+        for (i, &q) in pings.iter().enumerate() {
+            match store.contains(at, q) {
+                Some(inside) => {
+                    decided += 1;
+                    assert_eq!(inside, p.contains(q), "{q:?} in {:?}", p.unwrapped());
+                }
+                None => {
+                    deferred += 1;
+                    far_deferred += (i >= inner) as usize;
+                }
+            }
+        }
+    }
+    // Random points almost never fall within the margin (~1e-7 of the polygon's size).
+    assert!(far_deferred <= 2, "{far_deferred} random points deferred");
+    // Deferred: the probes within ~11 f32 steps of an edge's line (by construction about half).
+    assert!(decided > deferred, "decided {decided}, deferred {deferred}");
+}
+
+/// Small polygons through the whole index: vertices, edges, hole boundaries, points at `f32`
+/// rounding distance from edges, across ±180, against the brute force.
+#[test]
+fn small_polygons_on_and_near_edges_equal_brute_force() {
+    let mut rng = testdata::rng(22);
+    let mut shapes = testdata::small_polygons(23, 200, testdata::CITY);
+    for _ in 0..40 {
+        let c = testdata::point(&mut rng, (-0.5, 0.5, 179.99, 180.01));
+        let c = LatLon { lat: c.lat, lon: crate::domain::geo::wrap_lon(c.lon) };
+        let hole = rng.gen_bool(0.5);
+        let n = rng.gen_range(3..12);
+        if let Some(p) = testdata::star_polygon(&mut rng, c, n, (0.0005, 0.004), hole) {
+            shapes.push(Shape::Polygon(p));
+        }
+    }
+    // Axis-aligned squares with a square hole: pings on the horizontal edges run the crossing
+    // test's ray along an edge; a square touching ±180 from both sides.
+    let ll = |lat, lon| LatLon { lat, lon };
+    for (lat, lon) in [(39.9, 116.3), (0.0, 179.998), (0.01, -180.0)] {
+        let d = 0.002;
+        let outer = vec![ll(lat, lon), ll(lat, lon + d), ll(lat + d, lon + d), ll(lat + d, lon), ll(lat, lon)];
+        let h = |a: f64, b: f64| ll(lat + a * d, crate::domain::geo::wrap_lon(lon + b * d));
+        let hole = vec![h(0.25, 0.25), h(0.25, 0.75), h(0.75, 0.75), h(0.75, 0.25), h(0.25, 0.25)];
+        let outer: Vec<LatLon> = outer.into_iter().map(|p| ll(p.lat, crate::domain::geo::wrap_lon(p.lon))).collect();
+        shapes.push(Shape::Polygon(Polygon::new(&[outer, hole]).expect("valid square")));
+    }
+    let mut pings = Vec::new();
+    for s in &shapes {
+        if let Shape::Polygon(p) = s {
+            pings.extend(edge_probes(&mut rng, p));
+        }
+    }
+    for (lat, lon) in [(39.9, 116.3), (0.0, 179.998), (0.01, -180.0)] {
+        for a in [0.0, 0.25, 0.5, 0.75, 1.0] {
+            for b in [-0.5, 0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5] {
+                pings.push(ll(lat + a * 0.002, crate::domain::geo::wrap_lon(lon + b * 0.002)));
+            }
+        }
+    }
+    pings.extend(testdata::pings(24, 5_000, testdata::CITY));
+    pings.extend(testdata::pings(25, 3_000, (-0.5, 0.5, 179.98, 180.0)));
+    pings.extend(testdata::pings(26, 3_000, (-0.5, 0.5, -180.0, -179.98)));
+    for lat in [-0.002, 0.0, 0.001, 0.002, 0.01, 0.011, 0.012] {
+        pings.push(ll(lat, 180.0));
+        pings.push(ll(lat, -180.0));
+    }
+    check_index(&campaigns(shapes, 9), &pings);
+}
