@@ -210,19 +210,16 @@ impl Level {
             return Probe::EMPTY;
         }
         let t = &self.refs[tile as usize];
-        let v = t.unit_near(p.lat, p.lon);
-        let r = t.unit();
+        // The unit vector only for a cell with circles (cells of only polygons are common).
+        let q = if start == end {
+            [0.0; 3]
+        } else {
+            let (v, r) = (t.unit_near(p.lat, p.lon), t.unit());
+            [(v[0] - r[0]) as f32, (v[1] - r[1]) as f32, (v[2] - r[2]) as f32]
+        };
         let m = self.poly_margin;
         let (dlat, dlon) = ((p.lat - t.lat) as f32, wrap_deg(p.lon - t.lon) as f32);
-        Probe {
-            start,
-            end,
-            pstart,
-            pend,
-            q: [(v[0] - r[0]) as f32, (v[1] - r[1]) as f32, (v[2] - r[2]) as f32],
-            lo: [dlon - m, dlat - m],
-            hi: [dlon + m, dlat + m],
-        }
+        Probe { start, end, pstart, pend, q, lo: [dlon - m, dlat - m], hi: [dlon + m, dlat + m] }
     }
 
     /// Appends the fences of the probed cell that contain the ping.
@@ -249,10 +246,20 @@ impl Level {
             w += inside as usize;
         }
         out.truncate(w);
+        // Polygons: first the bounding boxes, branch-free (most reject), then the candidates.
         let (lo, hi) = (probe.lo, probe.hi);
-        for e in &self.poly_entries[probe.pstart as usize..probe.pend as usize] {
-            if e.b[0] <= hi[0] && e.b[2] >= lo[0] && e.b[1] <= hi[1] && e.b[3] >= lo[1] && index.poly_contains(e, p) {
-                out.push(e.hit);
+        let mut cand = [0u8; 32];
+        for chunk in self.poly_entries[probe.pstart as usize..probe.pend as usize].chunks(32) {
+            let mut k = 0;
+            for (i, e) in chunk.iter().enumerate() {
+                cand[k] = i as u8;
+                k += ((e.b[0] <= hi[0]) & (e.b[2] >= lo[0]) & (e.b[1] <= hi[1]) & (e.b[3] >= lo[1])) as usize;
+            }
+            for &i in &cand[..k] {
+                let e = &chunk[i as usize];
+                if index.poly_contains(e, p) {
+                    out.push(e.hit);
+                }
             }
         }
     }

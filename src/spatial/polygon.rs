@@ -112,30 +112,31 @@ impl SmallPolys {
             x += 360.0;
         }
         let (qx, qy) = (x - ox, p.lat - oy);
-        let mut inside = false;
+        // Branch-free over the edges (their outcomes are unpredictable): the parity, and whether
+        // any edge comes within the margin.
+        let (mut inside, mut near) = (false, false);
         let [a0, a1] = verts[0];
         let (mut ax, mut ay) = (a0 as f64 - qx, a1 as f64 - qy);
         for &[b0, b1] in &verts[1..] {
             let (bx, by) = (b0 as f64 - qx, b1 as f64 - qy);
+            // Twice the signed area of (point, a, b): distance to the edge's line times |b − a|.
+            let c = ax * by - bx * ay;
+            let tol = m * ((bx - ax).abs() + (by - ay).abs()) + 1e-15 * ((ax * by).abs() + (bx * ay).abs());
             // Both ends more than the margin above (or below) the point: no crossing, and the
-            // point is farther than the margin from this edge.
-            if !((ay > m && by > m) || (ay < -m && by < -m)) {
-                // Twice the signed area of (point, a, b): distance to the line times |b − a|.
-                let c = ax * by - bx * ay;
-                let tol = m * ((bx - ax).abs() + (by - ay).abs()) + 1e-15 * ((ax * by).abs() + (bx * ay).abs());
-                #[allow(clippy::neg_cmp_op_on_partial_ord)]
-                if !(c.abs() > tol) {
-                    return None;
-                }
-                // Half-open rule on y; the edge crosses the ray to +x iff the point is on its
-                // left going up (signs of the differences are exact).
-                if (ay > 0.0) != (by > 0.0) {
-                    inside ^= (c > 0.0) == (by > 0.0);
-                }
-            }
+            // point is farther than the margin from the edge. Otherwise `|c| ≤ tol` means the
+            // point may be within the margin of the edge's line.
+            let far = (ay > m) & (by > m) | (ay < -m) & (by < -m);
+            near |= !far & (c.abs() <= tol);
+            // Half-open rule on y; the edge crosses the ray to +x iff the point is on its left
+            // going up (the signs of the differences are exact).
+            inside ^= ((ay > 0.0) != (by > 0.0)) & ((c > 0.0) == (by > 0.0));
             (ax, ay) = (bx, by);
         }
-        Some(inside)
+        if near {
+            None
+        } else {
+            Some(inside)
+        }
     }
 
     /// Heap bytes held by the store.
