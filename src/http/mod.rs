@@ -53,6 +53,8 @@ pub struct AppState {
     pub http: Arc<HttpConfig>,
     /// Permits for requests in flight; none left means shed with 429.
     pub in_flight: Arc<Semaphore>,
+    /// Permits for campaign writes in flight (see [`CAMPAIGN_WRITES_IN_FLIGHT`]).
+    pub campaign_writes: Arc<Semaphore>,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
 }
@@ -65,10 +67,16 @@ impl AppState {
             auth: Arc::new(Auth::new(config.admin_token.clone(), &config.client_secret)),
             http: Arc::new(config.http.clone()),
             in_flight: Arc::new(Semaphore::new(config.http.max_in_flight)),
+            campaign_writes: Arc::new(Semaphore::new(CAMPAIGN_WRITES_IN_FLIGHT)),
             metrics: ops::metrics_handle(),
         }
     }
 }
+
+/// Campaign writes (`POST`, `PUT`) read bodies of up to the campaign limit (16 MiB by default)
+/// and the engine applies them one at a time anyway; bounding how many are read at once keeps a
+/// burst of large campaigns from exhausting memory (`max_in_flight` × 16 MiB would not).
+pub const CAMPAIGN_WRITES_IN_FLIGHT: usize = 4;
 
 /// Every route of API.md, with its layers.
 pub fn router(state: AppState) -> Router {
@@ -76,6 +84,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/campaigns", post(campaigns::create).get(campaigns::list))
         .route("/v1/campaigns/{id}", get(campaigns::get_one).put(campaigns::replace).delete(campaigns::delete))
         .route("/v1/campaigns/{id}/stats", get(campaigns::stats))
+        .route_layer(middleware::from_fn_with_state(state.clone(), shed_campaign_writes))
         .layer(DefaultBodyLimit::max(state.http.campaign_body_limit_bytes));
     let clients = Router::new()
         .route("/v1/pings", post(pings::ingest))
@@ -111,6 +120,19 @@ async fn method_not_allowed() -> ApiError {
 /// served, instead of queueing it behind them.
 async fn shed_when_full(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
+        metrics::counter!("kabao_http_shed_total").increment(1);
+        return ApiError::Overloaded.into_response();
+    };
+    next.run(request).await
+}
+
+/// Refuses a campaign write with 429 `overloaded` when [`CAMPAIGN_WRITES_IN_FLIGHT`] are being
+/// read or applied already.
+async fn shed_campaign_writes(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if request.method() != axum::http::Method::POST && request.method() != axum::http::Method::PUT {
+        return next.run(request).await;
+    }
+    let Ok(_permit) = state.campaign_writes.clone().try_acquire_owned() else {
         metrics::counter!("kabao_http_shed_total").increment(1);
         return ApiError::Overloaded.into_response();
     };

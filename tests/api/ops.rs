@@ -81,6 +81,43 @@ async fn a_full_server_sheds_with_429_and_retry_after_but_still_answers_probes()
 }
 
 #[tokio::test]
+async fn campaign_writes_beyond_the_bound_are_shed_while_reads_go_on() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn().await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    // Writers that announce a large body and send only its start hold their permits while the
+    // server waits for the rest.
+    let mut stalled = Vec::new();
+    for _ in 0..kabao::http::CAMPAIGN_WRITES_IN_FLIGHT {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+        let head = format!(
+            "POST /v1/campaigns HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {ADMIN}\r\n\
+             content-type: application/json\r\ncontent-length: 1000000\r\n\r\n{{\"fences\": ["
+        );
+        conn.write_all(head.as_bytes()).await.expect("write");
+        stalled.push(conn);
+    }
+    // The permits are taken once the server has read the requests' heads; poll for that
+    // rather than sleep a fixed time.
+    let mut shed = None;
+    for _ in 0..200 {
+        let reply = app.post("/v1/campaigns", &campaign("late")).await;
+        if reply.status == StatusCode::TOO_MANY_REQUESTS {
+            shed = Some(reply);
+            break;
+        }
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text);
+        app.call(Method::DELETE, "/v1/campaigns/late", Some(ADMIN), None).await;
+        tokio::task::yield_now().await;
+    }
+    let shed = shed.expect("a fifth concurrent campaign write is shed");
+    shed.assert_error(429, "overloaded");
+    assert!(shed.retry_after.is_some());
+    assert_eq!(app.get("/v1/campaigns").await.status, StatusCode::OK);
+    drop(stalled);
+}
+
+#[tokio::test]
 async fn a_store_that_is_down_is_503_with_retry_after_and_nothing_half_applied() {
     let store = Arc::new(FlakyStore::new());
     let app = spawn_over(|_| {}, store.clone()).await;
