@@ -106,7 +106,8 @@ fn random_case(seed: u64, kind: usize) -> (Vec<Arc<Campaign>>, Vec<LatLon>) {
         if rng.gen_bool(0.7) {
             shapes.push(Shape::Circle(Circle { center: c, radius_m: rng.gen_range(lo..=hi).exp() }));
         } else {
-            let n = rng.gen_range(3..20);
+            // Mostly small polygons (crossing test), some over 32 edges (per-polygon grid).
+            let n = if rng.gen_bool(0.25) { rng.gen_range(33..80) } else { rng.gen_range(3..20) };
             let r = prad * rng.gen_range(0.05..1.0);
             let hole = rng.gen_bool(0.4);
             if let Some(p) = testdata::star_polygon(&mut rng, c, n, (r * 0.5, r), hole) {
