@@ -505,6 +505,8 @@ impl FenceIndex {
             }
         }
         levels.retain(|lv| !lv.entries.is_empty() || !lv.poly_entries.is_empty());
+        small.shrink_to_fit();
+        polys.shrink_to_fit();
         Self { campaigns, fence_count: fences.len(), levels, global, polys, small }
     }
 

@@ -139,6 +139,11 @@ impl SmallPolys {
         }
     }
 
+    /// Releases spare capacity once every polygon is in.
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.pool.shrink_to_fit();
+    }
+
     /// Heap bytes held by the store.
     pub(crate) fn heap_bytes(&self) -> usize {
         self.pool.capacity() * std::mem::size_of::<[f32; 2]>()
