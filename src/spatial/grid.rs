@@ -85,9 +85,13 @@ struct Level {
     tiles: FxHashMap<u64, u32>,
     /// Per tile: its centre, the origin the entries' `f32` offsets are taken from.
     refs: Vec<TileRef>,
-    /// Per tile, per cell (`tile · 64 + row · 8 + col`): start of the cell's circle entries and
-    /// of its polygon entries; one extra trailing pair closes the last cell.
-    offsets: Vec<[u32; 2]>,
+    /// Per tile, per cell (`tile · 64 + row · 8 + col`): start of the cell's circle entries and,
+    /// if the level has polygons ([`Level::stride`] 2), of its polygon entries; one extra
+    /// trailing value (pair) closes the last cell.
+    offsets: Vec<u32>,
+    /// Values per cell in `offsets`: 1 (circles only, the layout stays as small as before
+    /// polygons had entries of their own) or 2.
+    stride: usize,
     entries: Vec<Entry>,
     poly_entries: Vec<PolyEntry>,
     /// Widening of polygon bounding boxes (degrees): far above the `f32` rounding of offsets
@@ -142,7 +146,8 @@ impl Level {
             band_abs: (1e-6 * h * h) as f32,
             // The cover spans ≤ 64 cells (8 tiles): offsets below 9 tiles, f32 ulp ≤ 2⁻²⁰ · tile.
             poly_margin: (tile_deg * 1e-4) as f32,
-            offsets: vec![[0, 0]],
+            offsets: vec![0],
+            stride: 1,
             ..Self::default()
         }
     }
@@ -205,7 +210,9 @@ impl Level {
         let (key, local) = Self::key(la, lo);
         let Some(&tile) = self.tiles.get(&key) else { return Probe::EMPTY };
         let cell = tile as usize * (TILE * TILE) as usize + local;
-        let ([start, pstart], [end, pend]) = (self.offsets[cell], self.offsets[cell + 1]);
+        let s = self.stride;
+        let (start, end) = (self.offsets[cell * s], self.offsets[cell * s + s]);
+        let (pstart, pend) = if s == 2 { (self.offsets[cell * 2 + 1], self.offsets[cell * 2 + 3]) } else { (0, 0) };
         if start == end && pstart == pend {
             return Probe::EMPTY;
         }
@@ -268,7 +275,7 @@ impl Level {
         // hashbrown: one control byte per bucket plus the (key, value) pair.
         self.tiles.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
             + self.refs.capacity() * std::mem::size_of::<TileRef>()
-            + self.offsets.capacity() * std::mem::size_of::<[u32; 2]>()
+            + self.offsets.capacity() * 4
             + self.entries.capacity() * std::mem::size_of::<Entry>()
             + self.poly_entries.capacity() * std::mem::size_of::<PolyEntry>()
     }
@@ -435,22 +442,24 @@ impl FenceIndex {
                 slot += 1;
             }
         }
-        // Prefix sums: offsets[c] = first circle and first polygon entry of cell c.
+        // Prefix sums: starts[c] = first circle and first polygon entry of cell c.
+        let mut cursors: Vec<Vec<[u32; 2]>> = Vec::with_capacity(levels.len());
         for (lv, cnt) in levels.iter_mut().zip(&counts) {
-            let mut offsets = Vec::with_capacity(cnt.len() + 1);
+            let mut starts = Vec::with_capacity(cnt.len() + 1);
             let mut acc = [0u32; 2];
             for &[nc, np] in cnt {
-                offsets.push(acc);
+                starts.push(acc);
                 acc = [acc[0] + nc, acc[1] + np];
             }
-            offsets.push(acc);
-            lv.offsets = offsets;
+            starts.push(acc);
+            lv.stride = if acc[1] > 0 { 2 } else { 1 };
+            lv.offsets = starts.iter().flat_map(|pair| pair[..lv.stride].iter().copied()).collect();
+            cursors.push(starts);
             lv.entries = vec![Entry { c: [0.0; 3], t: f32::NAN, hit: Hit { campaign: 0, fence: 0 } }; acc[0] as usize];
             lv.poly_entries =
                 vec![PolyEntry { b: [0.0; 4], hit: Hit { campaign: 0, fence: 0 }, at: 0 }; acc[1] as usize];
         }
         // Pass 2: fill the entries.
-        let mut cursors: Vec<Vec<[u32; 2]>> = levels.iter().map(|lv| lv.offsets.clone()).collect();
         let mut slot = 0usize;
         for campaign in &campaigns {
             for fence in &campaign.fences {
