@@ -92,7 +92,8 @@ pub fn classify(e: serde_path_to_error::Error<serde_json::Error>) -> InputError 
     InputError::Malformed { message, field }
 }
 
-/// Reads an integer-valued JSON number into `min..=max`; fractions and overflow are field errors.
+/// Reads an integer-valued JSON number (`5`, `5.0` and `5e0` alike) into `min..=max`; fractions
+/// and overflow are field errors.
 pub fn integer(field: &str, n: &serde_json::Number, min: i64, max: i64) -> Result<i64, FieldError> {
     let v = match n.as_i64() {
         Some(v) => v,
@@ -101,7 +102,13 @@ pub fn integer(field: &str, n: &serde_json::Number, min: i64, max: i64) -> Resul
             if f.is_finite() && f.fract() != 0.0 {
                 return Err(FieldError::new(field, "must be a whole number"));
             }
-            return Err(FieldError::new(field, format!("must be between {min} and {max}")));
+            // JSON has one number type: an integral value written as a float (`120.0`, `1e3`,
+            // a timestamp a client computed in floating point) is that integer. Only a fraction
+            // is refused. `2^63` itself is the first float past `i64::MAX`.
+            if !(f.is_finite() && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&f)) {
+                return Err(FieldError::new(field, format!("must be between {min} and {max}")));
+            }
+            f as i64
         }
     };
     if v < min || v > max {

@@ -4,6 +4,7 @@
 mod auth;
 mod bad_input;
 mod campaigns;
+mod contract_audit;
 mod devices_wallet;
 mod helpers;
 mod ops;
