@@ -50,9 +50,6 @@ pub enum ApiError {
     /// Body over the configured limit (`413 payload_too_large`).
     #[error("the request body is larger than this endpoint accepts")]
     PayloadTooLarge,
-    /// A body whose `Content-Type` is not JSON (`415 unsupported_media_type`).
-    #[error("the body must be JSON (Content-Type: application/json)")]
-    UnsupportedMediaType,
     /// Too many requests in flight (`429 overloaded`).
     #[error("the server is at capacity; retry shortly")]
     Overloaded,
@@ -77,7 +74,6 @@ impl ApiError {
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Expired => (StatusCode::GONE, "expired"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            ApiError::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             ApiError::Overloaded => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -184,7 +180,6 @@ impl From<RedeemError> for ApiError {
 pub fn from_rejection(status: StatusCode, text: String) -> ApiError {
     match status {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType,
         StatusCode::NOT_FOUND => ApiError::NotFound(text),
         s if s.is_server_error() => ApiError::Internal(text),
         StatusCode::UNPROCESSABLE_ENTITY => ApiError::Invalid(FieldError::new("", text)),

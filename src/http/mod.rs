@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request, State};
-use axum::http::{header, request::Parts};
+use axum::http::request::Parts;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -165,8 +165,8 @@ async fn record_metrics(request: Request, next: Next) -> Response {
     response
 }
 
-/// A JSON request body, parsed with API.md's error classification (wrong types → 400,
-/// overflowing numbers → 422), over the route's size limit → 413, not JSON → 415.
+/// A JSON request body, parsed with API.md's error classification (not JSON or wrong types →
+/// 400, overflowing numbers → 422), over the route's size limit → 413.
 pub struct JsonBody<T>(pub T);
 
 impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
@@ -187,16 +187,11 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
-/// Reads the body after checking its content type: absent or JSON (`application/json`,
-/// `application/*+json`) is accepted.
+/// Reads the body. Its `Content-Type` is not consulted: API.md says every body is JSON and
+/// answers a body that is not with `400 malformed_json`, so a JSON body is read as JSON whatever
+/// it is labelled (`fetch` labels a string body `text/plain`, `curl -d` form-urlencoded) and
+/// anything else fails to parse as JSON, with a 400.
 pub async fn body_bytes(request: Request, state: &AppState) -> Result<Bytes, ApiError> {
-    if let Some(value) = request.headers().get(header::CONTENT_TYPE) {
-        let mime = value.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-        let is_json = mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"));
-        if !is_json {
-            return Err(ApiError::UnsupportedMediaType);
-        }
-    }
     Bytes::from_request(request, state).await.map_err(|r| error::from_rejection(r.status(), r.body_text()))
 }
 

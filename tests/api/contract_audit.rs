@@ -44,3 +44,28 @@ async fn integral_floats_are_integers_and_fractions_are_not() {
     reply.assert_error(422, "invalid_field");
     assert_eq!(reply.field(), Some("ts_ms"));
 }
+
+/// API.md "Errors": a body that is not JSON is `400 malformed_json` — the table has no 415. A
+/// JSON body is read as JSON whatever its `Content-Type` says (`fetch` labels a string body
+/// `text/plain`, `curl -d` labels it form-urlencoded).
+#[tokio::test]
+async fn the_content_type_label_does_not_decide_what_a_body_is() {
+    let app = spawn().await;
+    app.create(&campaign("c1")).await;
+    for content_type in ["text/plain;charset=UTF-8", "application/x-www-form-urlencoded"] {
+        let user = format!("u-{content_type}");
+        let body = inside(&user, t0()).to_string().into_bytes();
+        let reply = app.call_raw(Method::POST, "/v1/pings", Some(ADMIN), content_type, body).await;
+        assert_eq!(reply.status, StatusCode::OK, "{content_type}: {}", reply.text);
+        assert!(event_campaigns(&reply).contains(&"c1".to_owned()), "{}", reply.text);
+
+        let body = campaign(&format!("c-{}", content_type.len())).to_string().into_bytes();
+        let reply = app.call_raw(Method::POST, "/v1/campaigns", Some(ADMIN), content_type, body).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{content_type}: {}", reply.text);
+
+        for path in ["/v1/pings", "/v1/campaigns"] {
+            let reply = app.call_raw(Method::POST, path, Some(ADMIN), content_type, b"a=1&b=2".to_vec()).await;
+            reply.assert_error(400, "malformed_json");
+        }
+    }
+}
