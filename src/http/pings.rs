@@ -121,6 +121,18 @@ fn parse_item(json: &str, clock: PingClock) -> Result<Ping, InputError> {
     Ok(input.validate(clock)?)
 }
 
+/// Every `user_id` string a pings body names, in valid and invalid items alike (nothing when
+/// the body is not JSON: parsing it properly then fails with 400).
+fn named_users(bytes: &[u8]) -> Vec<String> {
+    let Ok(body) = serde_json::from_slice::<serde_json::Value>(bytes) else { return Vec::new() };
+    let items: Vec<&serde_json::Value> = match body.get("pings") {
+        Some(serde_json::Value::Array(items)) => items.iter().collect(),
+        Some(_) => Vec::new(),
+        None => vec![&body],
+    };
+    items.into_iter().filter_map(|item| item.get("user_id")?.as_str().map(str::to_owned)).collect()
+}
+
 /// What the body held, parsed and validated item by item.
 struct Parsed {
     /// Valid pings and their request index.
@@ -185,6 +197,14 @@ pub async fn ingest(
     request: Request,
 ) -> Result<Json<PingsReply>, ApiError> {
     let bytes = body_bytes(request, &state).await?;
+    // Who may send these pings is decided before what is wrong with them: a client naming
+    // another user anywhere in its body, in an invalid item too, is refused whole (API.md: a
+    // client token used for another user is 403; batches may mix users only as admin).
+    if let Caller::Client(sub) = &caller {
+        if named_users(&bytes).iter().any(|user| user != sub.as_str()) {
+            return Err(ApiError::Forbidden("this token may only send pings of its own user"));
+        }
+    }
     let engine = &state.engine;
     let Parsed { valid, rejected } = parse_body(&bytes, engine.ping_clock(now_ms()))?;
     tracing::Span::current().record("pings", valid.len() + rejected.len());

@@ -69,3 +69,34 @@ async fn the_content_type_label_does_not_decide_what_a_body_is() {
         }
     }
 }
+
+/// API.md "Auth": a client token used for another user's ping is `403`, and only the admin token
+/// may mix users in a batch — an item naming another user is that, valid or not. Before, an
+/// invalid item of another user was merely listed in `rejected` and the batch went through.
+#[tokio::test]
+async fn a_client_naming_another_user_anywhere_is_403() {
+    let app = spawn().await;
+    app.create(&campaign("c1")).await;
+    let token = jwt("alice");
+    let t = t0();
+    let mut bad = inside("bob", t);
+    bad["lat"] = json!(91);
+    let batch = json!({"pings": [inside("alice", t), bad.clone()]});
+    let reply = app.call(Method::POST, "/v1/pings", Some(&token), Some(&batch)).await;
+    reply.assert_error(403, "forbidden");
+    // Refused whole: alice's valid ping changed nothing.
+    assert!(app.wallet("alice").await.is_empty());
+
+    let reply = app.call(Method::POST, "/v1/pings", Some(&token), Some(&bad)).await;
+    reply.assert_error(403, "forbidden");
+
+    // Its own invalid ping is still a 422, and its own batch goes through.
+    let mut own_bad = bad.clone();
+    own_bad["user_id"] = json!("alice");
+    let reply = app.call(Method::POST, "/v1/pings", Some(&token), Some(&own_bad)).await;
+    reply.assert_error(422, "invalid_field");
+    let batch = json!({"pings": [inside("alice", t), own_bad]});
+    let reply = app.call(Method::POST, "/v1/pings", Some(&token), Some(&batch)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(event_campaigns(&reply), ["c1"]);
+}
