@@ -58,7 +58,9 @@ pub struct Campaign {
 /// The merchant a campaign belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Merchant {
-    /// Merchant id, checked at redemption.
+    /// Merchant id, checked at redemption. Absent reads as empty, which validation refuses
+    /// with a `422` on `merchant.id` like any other missing required member.
+    #[serde(default)]
     pub id: String,
     /// Display name.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -100,3 +100,26 @@ async fn a_client_naming_another_user_anywhere_is_403() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
     assert_eq!(event_campaigns(&reply), ["c1"]);
 }
+
+/// A missing required member is a `422` naming it, wherever it sits: `merchant` without its `id`
+/// was a `400` from the parser ("missing field `id`") while every other missing member (a
+/// fence's `id`, `radius_m`, a dwell's `dwell_s`) was a `422` on its path.
+#[tokio::test]
+async fn a_missing_required_member_is_422_on_its_path() {
+    let app = spawn().await;
+    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+        ("merchant.id", Box::new(|c| c["merchant"] = json!({"name": "No id"}))),
+        ("fences", Box::new(|c| drop(c.as_object_mut().unwrap().remove("fences")))),
+        ("fences[0].id", Box::new(|c| drop(c["fences"][0].as_object_mut().unwrap().remove("id")))),
+        ("fences[0].radius_m", Box::new(|c| drop(c["fences"][0].as_object_mut().unwrap().remove("radius_m")))),
+        ("trigger.dwell_s", Box::new(|c| c["trigger"] = json!({"on": "dwell"}))),
+    ];
+    for (field, edit) in cases {
+        let mut c = campaign("m");
+        edit(&mut c);
+        let reply = app.post("/v1/campaigns", &c).await;
+        reply.assert_error(422, "invalid_field");
+        assert_eq!(reply.field(), Some(field), "{}", reply.text);
+    }
+    assert!(app.campaign_ids().await.is_empty());
+}
