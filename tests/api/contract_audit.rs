@@ -107,16 +107,30 @@ async fn a_client_naming_another_user_anywhere_is_403() {
 #[tokio::test]
 async fn a_missing_required_member_is_422_on_its_path() {
     let app = spawn().await;
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
-        ("merchant.id", Box::new(|c| c["merchant"] = json!({"name": "No id"}))),
-        ("fences", Box::new(|c| drop(c.as_object_mut().unwrap().remove("fences")))),
-        ("fences[0].id", Box::new(|c| drop(c["fences"][0].as_object_mut().unwrap().remove("id")))),
-        ("fences[0].radius_m", Box::new(|c| drop(c["fences"][0].as_object_mut().unwrap().remove("radius_m")))),
-        ("trigger.dwell_s", Box::new(|c| c["trigger"] = json!({"on": "dwell"}))),
-    ];
-    for (field, edit) in cases {
+    let without = |path: &[&str], member: &str| {
         let mut c = campaign("m");
-        edit(&mut c);
+        let mut at = &mut c;
+        for step in path {
+            at = match step.parse::<usize>() {
+                Ok(i) => &mut at[i],
+                Err(_) => &mut at[*step],
+            };
+        }
+        at.as_object_mut().expect("an object").remove(member);
+        c
+    };
+    let mut dwell = campaign("m");
+    dwell["trigger"] = json!({"on": "dwell"});
+    let mut merchant = campaign("m");
+    merchant["merchant"] = json!({"name": "No id"});
+    let cases = [
+        ("merchant.id", merchant),
+        ("fences", without(&[], "fences")),
+        ("fences[0].id", without(&["fences", "0"], "id")),
+        ("fences[0].radius_m", without(&["fences", "0"], "radius_m")),
+        ("trigger.dwell_s", dwell),
+    ];
+    for (field, c) in cases {
         let reply = app.post("/v1/campaigns", &c).await;
         reply.assert_error(422, "invalid_field");
         assert_eq!(reply.field(), Some(field), "{}", reply.text);
