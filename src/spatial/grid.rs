@@ -453,7 +453,9 @@ impl FenceIndex {
             }
             starts.push(acc);
             lv.stride = if acc[1] > 0 { 2 } else { 1 };
-            lv.offsets = starts.iter().flat_map(|pair| pair[..lv.stride].iter().copied()).collect();
+            let mut offsets = Vec::with_capacity(starts.len() * lv.stride);
+            offsets.extend(starts.iter().flat_map(|pair| pair[..lv.stride].iter().copied()));
+            lv.offsets = offsets;
             cursors.push(starts);
             lv.entries = vec![Entry { c: [0.0; 3], t: f32::NAN, hit: Hit { campaign: 0, fence: 0 } }; acc[0] as usize];
             lv.poly_entries =
