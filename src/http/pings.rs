@@ -108,10 +108,17 @@ impl From<IssuedCoupon> for Event {
 }
 
 /// The top level of a pings body, read only far enough to tell a batch from a single ping.
+/// A `pings` member that is present, `null` included, makes the body a batch (so `"pings": null`
+/// is a batch that is not a list, `400`, rather than a single ping missing its `user_id`).
 #[derive(Deserialize)]
 struct Envelope<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     pings: Option<&'a RawValue>,
+}
+
+/// Deserializes a member that is there, whatever its value, as `Some`.
+fn present<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue>::deserialize(de).map(Some)
 }
 
 fn parse_item(json: &str, clock: PingClock) -> Result<Ping, InputError> {
@@ -251,7 +258,7 @@ mod tests {
 
     #[test]
     fn bad_shapes() {
-        for body in [&b"[]"[..], b"", b"nope", br#"{"pings":{}}"#, br#"{"pings":[1]"#] {
+        for body in [&b"[]"[..], b"", b"nope", br#"{"pings":{}}"#, br#"{"pings":[1]"#, br#"{"pings":null}"#] {
             assert!(matches!(parse_body(body, CLOCK), Err(ApiError::Malformed { .. })), "{body:?}");
         }
         let many = format!("{{\"pings\":[{}]}}", vec!["{}"; MAX_BATCH + 1].join(","));

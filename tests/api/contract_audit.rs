@@ -137,3 +137,14 @@ async fn a_missing_required_member_is_422_on_its_path() {
     }
     assert!(app.campaign_ids().await.is_empty());
 }
+
+/// API.md "Errors": a body "not the expected shape" is `400 malformed_json`. `{"pings": null}` is
+/// a batch whose `pings` is not a list; it was taken for a single ping and answered `422` on
+/// `user_id`.
+#[tokio::test]
+async fn a_null_pings_member_is_a_malformed_batch() {
+    let app = spawn().await;
+    let reply = app.post("/v1/pings", &json!({"pings": null})).await;
+    reply.assert_error(400, "malformed_json");
+    assert_eq!(reply.field(), Some("pings"));
+}
