@@ -21,6 +21,7 @@ use kabao::domain::geo::{LatLon, Shape, EARTH_RADIUS_M};
 use kabao::domain::Campaign;
 use kabao::spatial::testdata::{self, Area};
 use kabao::spatial::{FenceIndex, Hit};
+use rand::Rng;
 use rstar::primitives::{GeomWithData, Rectangle};
 use rstar::{RTree, AABB};
 
@@ -191,6 +192,17 @@ fn polygons(c: &mut Criterion) {
     case(c, "beijing_boundary", beijing, (39.17, 41.06, 115.42, 117.74), true);
     let small = testdata::small_polygons(4, 10_000, testdata::CITY);
     case(c, "city_10k_small_polygons", small, testdata::CITY, true);
+    // Medium polygons (40–60 vertices, 20 % with a hole of 23–33): the crossing test's range.
+    let mut r = testdata::rng(5);
+    let mut medium = Vec::with_capacity(10_000);
+    while medium.len() < 10_000 {
+        let centre = testdata::point(&mut r, testdata::CITY);
+        let (k, hole) = (r.gen_range(40..=60), r.gen_bool(0.2));
+        if let Some(p) = testdata::star_polygon(&mut r, centre, k, (0.0015, 0.006), hole) {
+            medium.push(Shape::Polygon(p));
+        }
+    }
+    case(c, "city_10k_medium_polygons", medium, testdata::CITY, true);
 }
 
 criterion_group! {

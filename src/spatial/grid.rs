@@ -21,7 +21,7 @@
 //! Polygons have their own entries (28 bytes) after a cell's circles: the polygon's bounding box
 //! relative to the tile's centre in `f32` (widened by a per-level margin), so most candidates are
 //! rejected without touching the polygon, then either a compact crossing-number test
-//! ([`SmallPolys`], ≤ 32 edges, exact fallback near an edge) or the polygon's [`PolyGrid`].
+//! ([`SmallPolys`], ≤ 256 edges, exact fallback near an edge) or the polygon's [`PolyGrid`].
 
 use std::sync::Arc;
 

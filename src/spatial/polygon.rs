@@ -30,7 +30,10 @@ const CELLS_PER_EDGE: usize = 4;
 const MAX_CELLS: usize = 1 << 18;
 
 /// Most edges (all rings) of a polygon kept in [`SmallPolys`]; larger ones get a [`PolyGrid`].
-pub(crate) const SMALL_MAX_EDGES: usize = 32;
+/// Measured (10 k polygons over a city, 200 k pings): at 40–93 edges the crossing test is 2.3×
+/// faster than the grid and 30× smaller; at 150–375 edges they are equally fast and the grid is
+/// 50× larger; the grid wins on speed only beyond that (Beijing's 4 037 vertices: ≈ 60 ns/test).
+pub(crate) const SMALL_MAX_EDGES: usize = 256;
 
 /// Compact store of small polygons for an exact crossing-number test.
 ///

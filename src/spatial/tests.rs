@@ -106,8 +106,9 @@ fn random_case(seed: u64, kind: usize) -> (Vec<Arc<Campaign>>, Vec<LatLon>) {
         if rng.gen_bool(0.7) {
             shapes.push(Shape::Circle(Circle { center: c, radius_m: rng.gen_range(lo..=hi).exp() }));
         } else {
-            // Mostly small polygons (crossing test), some over 32 edges (per-polygon grid).
-            let n = if rng.gen_bool(0.25) { rng.gen_range(33..80) } else { rng.gen_range(3..20) };
+            // Mostly small polygons (crossing test), some over its edge limit (per-polygon grid).
+            let big = super::polygon::SMALL_MAX_EDGES;
+            let n = if rng.gen_bool(0.2) { rng.gen_range(big + 1..big + 60) } else { rng.gen_range(3..20) };
             let r = prad * rng.gen_range(0.05..1.0);
             let hole = rng.gen_bool(0.4);
             if let Some(p) = testdata::star_polygon(&mut rng, c, n, (r * 0.5, r), hole) {
@@ -445,7 +446,7 @@ fn small_polygon_test_is_exact_or_defers() {
         }
     }
     for p in &polys {
-        let at = store.push(p).expect("at most 32 edges: small");
+        let at = store.push(p).expect("under the edge limit: small");
         let [x0, y0, x1, y1] = p.bbox();
         let mut pings = edge_probes(&mut rng, p);
         let inner = pings.len();
