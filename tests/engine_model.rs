@@ -30,8 +30,8 @@ use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRu
 
 use kabao::domain::schedule::Hours;
 use kabao::domain::{
-    haversine_m, Campaign, CampaignId, Caps, Circle, CouponId, CouponTemplate, DeviceId, Fence, FenceId, LatLon, Ping,
-    Polygon, Schedule, Shape, Status, Trigger, UserId,
+    haversine_m, Campaign, CampaignId, Caps, Circle, CouponId, DeviceId, Fence, FenceId, LatLon, Ping, Polygon,
+    Schedule, Shape, Status, Trigger, UserId,
 };
 use kabao::engine::{Engine, EngineConfig, IngestReport};
 use kabao::store::memory::MemoryStore;
@@ -188,22 +188,8 @@ fn schedule(window: usize, hours: usize) -> Schedule {
 
 /// An active, unlimited, always-open campaign with these fences.
 fn campaign(id: &str, trigger: Trigger, fences: Vec<Fence>) -> Campaign {
-    Campaign {
-        id: CampaignId::parse("id", id).expect("valid campaign id"),
-        name: None,
-        merchant: None,
-        coupon: CouponTemplate { title: "t".into(), body: None, deep_link: None, image_url: None, valid_for_s: None },
-        fences,
-        trigger,
-        schedule: None,
-        caps: Caps::default(),
-        caps_given: false,
-        audience_tags: Vec::new(),
-        audience_given: false,
-        max_accuracy_m: None,
-        status: Status::Active,
-        revision: 0,
-    }
+    let id = CampaignId::parse("id", id).expect("valid campaign id");
+    Campaign { trigger, revision: 0, ..Campaign::new(id, "t", fences) }
 }
 
 fn user(s: &str) -> UserId {

@@ -136,6 +136,33 @@ impl Status {
 }
 
 impl Campaign {
+    /// A campaign with API.md's defaults for all but its id, coupon title and fences: an enter
+    /// trigger, always open, no caps, every user, active, revision 0.
+    pub fn new(id: CampaignId, title: impl Into<String>, fences: Vec<Fence>) -> Self {
+        Campaign {
+            id,
+            name: None,
+            merchant: None,
+            coupon: CouponTemplate {
+                title: title.into(),
+                body: None,
+                deep_link: None,
+                image_url: None,
+                valid_for_s: None,
+            },
+            fences,
+            trigger: Trigger::Enter,
+            schedule: None,
+            caps: Caps::default(),
+            caps_given: false,
+            audience_tags: Vec::new(),
+            audience_given: false,
+            max_accuracy_m: None,
+            status: Status::Active,
+            revision: 0,
+        }
+    }
+
     /// Is the campaign active and inside its schedule at `ts_ms` (the campaign half of rule 4)?
     pub fn is_issuing_at(&self, ts_ms: i64) -> bool {
         self.status == Status::Active && self.schedule.as_ref().is_none_or(|s| s.is_open(ts_ms))

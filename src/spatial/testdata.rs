@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::Hit;
 use crate::domain::geo::{Circle, LatLon, Polygon, Shape};
-use crate::domain::{Campaign, CampaignId, Caps, CouponTemplate, Fence, FenceId, Status, Trigger};
+use crate::domain::{Campaign, CampaignId, Fence, FenceId};
 
 /// A lat/lon rectangle, degrees: `(min_lat, max_lat, min_lon, max_lon)`.
 pub type Area = (f64, f64, f64, f64);
@@ -134,26 +134,13 @@ pub fn geojson_polygons(text: &str) -> Vec<Polygon> {
 
 /// A minimal valid campaign holding `shapes` as fences `f0`, `f1`, …
 pub fn campaign(id: &str, shapes: Vec<Shape>) -> Campaign {
-    Campaign {
-        id: CampaignId::parse("id", id).expect("test campaign ids are valid"),
-        name: None,
-        merchant: None,
-        coupon: CouponTemplate { title: "t".into(), body: None, deep_link: None, image_url: None, valid_for_s: None },
-        fences: shapes
-            .into_iter()
-            .enumerate()
-            .map(|(i, shape)| Fence { id: FenceId::parse("id", &format!("f{i}")).expect("valid"), shape, rings: None })
-            .collect(),
-        trigger: Trigger::Enter,
-        schedule: None,
-        caps: Caps::default(),
-        caps_given: false,
-        audience_tags: Vec::new(),
-        audience_given: false,
-        max_accuracy_m: None,
-        status: Status::Active,
-        revision: 1,
-    }
+    let fences = shapes
+        .into_iter()
+        .enumerate()
+        .map(|(i, shape)| Fence { id: FenceId::parse("id", &format!("f{i}")).expect("valid"), shape, rings: None })
+        .collect();
+    let id = CampaignId::parse("id", id).expect("test campaign ids are valid");
+    Campaign { revision: 1, ..Campaign::new(id, "t", fences) }
 }
 
 /// Groups `shapes` into campaigns of `per` fences each (ids `c0`, `c1`, …).

@@ -3,10 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::domain::{
-    Campaign, CampaignId, Caps, Circle, CouponTemplate, Fence, FenceId, LatLon, Ping, Polygon, Shape, Status, Trigger,
-    UserId,
-};
+use crate::domain::{Campaign, CampaignId, Circle, Fence, FenceId, LatLon, Ping, Polygon, Shape, Trigger, UserId};
 
 use super::{FenceHit, Outcome};
 
@@ -45,22 +42,8 @@ pub fn square(id: &str, north: f64, east: f64, half_m: f64) -> Fence {
 
 /// An active campaign of revision 1 with these fences.
 pub fn campaign(id: &str, trigger: Trigger, fences: Vec<Fence>) -> Campaign {
-    Campaign {
-        id: CampaignId::parse("id", id).expect("valid campaign id"),
-        name: None,
-        merchant: None,
-        coupon: CouponTemplate { title: "t".into(), body: None, deep_link: None, image_url: None, valid_for_s: None },
-        fences,
-        trigger,
-        schedule: None,
-        caps: Caps::default(),
-        caps_given: false,
-        audience_tags: Vec::new(),
-        audience_given: false,
-        max_accuracy_m: None,
-        status: Status::Active,
-        revision: 1,
-    }
+    let id = CampaignId::parse("id", id).expect("valid campaign id");
+    Campaign { trigger, revision: 1, ..Campaign::new(id, "t", fences) }
 }
 
 /// A ping of `user` at `place` and `ts_ms`, accurate, not mocked.
