@@ -121,23 +121,32 @@ fn present<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<&'de RawVal
     <&'de RawValue>::deserialize(de).map(Some)
 }
 
-fn parse_item(json: &str, clock: PingClock) -> Result<Ping, InputError> {
-    let mut de = serde_json::Deserializer::from_str(json);
-    let input: PingInput = serde_path_to_error::deserialize(&mut de).map_err(classify)?;
-    de.end().map_err(|e| InputError::Malformed { message: e.to_string(), field: None })?;
-    Ok(input.validate(clock)?)
+/// An invalid item, and the user it names if it names one as a string (who may send it is
+/// decided before what is wrong with it).
+struct InvalidItem {
+    error: InputError,
+    named_user: Option<String>,
 }
 
-/// Every `user_id` string a pings body names, in valid and invalid items alike (nothing when
-/// the body is not JSON: parsing it properly then fails with 400).
-fn named_users(bytes: &[u8]) -> Vec<String> {
-    let Ok(body) = serde_json::from_slice::<serde_json::Value>(bytes) else { return Vec::new() };
-    let items: Vec<&serde_json::Value> = match body.get("pings") {
-        Some(serde_json::Value::Array(items)) => items.iter().collect(),
-        Some(_) => Vec::new(),
-        None => vec![&body],
-    };
-    items.into_iter().filter_map(|item| item.get("user_id")?.as_str().map(str::to_owned)).collect()
+fn parse_item(json: &str, clock: PingClock) -> Result<Ping, InvalidItem> {
+    let parsed = (|| {
+        let mut de = serde_json::Deserializer::from_str(json);
+        let input: PingInput = serde_path_to_error::deserialize(&mut de).map_err(classify)?;
+        de.end().map_err(|e| InputError::Malformed { message: e.to_string(), field: None })?;
+        Ok(input.validate(clock)?)
+    })();
+    parsed.map_err(|error| {
+        /// Only `user_id`, whatever else the item holds (other members are ignored).
+        #[derive(Deserialize)]
+        struct NamedUser {
+            user_id: Option<serde_json::Value>,
+        }
+        let named_user = serde_json::from_str::<NamedUser>(json)
+            .ok()
+            .and_then(|item| item.user_id)
+            .and_then(|user| user.as_str().map(str::to_owned));
+        InvalidItem { error, named_user }
+    })
 }
 
 /// What the body held, parsed and validated item by item.
@@ -146,6 +155,18 @@ struct Parsed {
     valid: Vec<(usize, Ping)>,
     /// Invalid items of a batch.
     rejected: Vec<Rejected>,
+    /// The error of a single ping (not a batch) that is invalid: it fails the request, once
+    /// the caller is known to be allowed to send it.
+    single_error: Option<InputError>,
+    /// Users named by invalid items.
+    invalid_items_users: Vec<String>,
+}
+
+impl Parsed {
+    /// Every user the body names as a string, in valid and invalid items alike.
+    fn named_users(&self) -> impl Iterator<Item = &str> {
+        self.valid.iter().map(|(_, p)| p.user_id.as_str()).chain(self.invalid_items_users.iter().map(String::as_str))
+    }
 }
 
 fn parse_body(bytes: &[u8], clock: PingClock) -> Result<Parsed, ApiError> {
@@ -160,10 +181,17 @@ fn parse_body(bytes: &[u8], clock: PingClock) -> Result<Parsed, ApiError> {
     let mut de = serde_json::Deserializer::from_str(text);
     let envelope: Envelope<'_> = serde_path_to_error::deserialize(&mut de).map_err(classify)?;
     de.end().map_err(|e| ApiError::Malformed { message: e.to_string(), field: None })?;
+    let mut parsed =
+        Parsed { valid: Vec::new(), rejected: Vec::new(), single_error: None, invalid_items_users: Vec::new() };
     let Some(batch) = envelope.pings else {
-        // A single ping: an invalid one fails the request.
-        let ping = parse_item(text, clock)?;
-        return Ok(Parsed { valid: vec![(0, ping)], rejected: Vec::new() });
+        match parse_item(text, clock) {
+            Ok(ping) => parsed.valid.push((0, ping)),
+            Err(invalid) => {
+                parsed.invalid_items_users.extend(invalid.named_user);
+                parsed.single_error = Some(invalid.error);
+            }
+        }
+        return Ok(parsed);
     };
     let items: Vec<&RawValue> = serde_json::from_str(batch.get()).map_err(|e| ApiError::Malformed {
         message: format!("pings must be a list: {e}"),
@@ -175,12 +203,13 @@ fn parse_body(bytes: &[u8], clock: PingClock) -> Result<Parsed, ApiError> {
             format!("holds {} pings; at most {MAX_BATCH} per request", items.len()),
         ));
     }
-    let mut parsed = Parsed { valid: Vec::with_capacity(items.len()), rejected: Vec::new() };
+    parsed.valid.reserve(items.len());
     for (index, item) in items.iter().enumerate() {
         match parse_item(item.get(), clock) {
             Ok(ping) => parsed.valid.push((index, ping)),
-            Err(e) => {
-                let error = ApiError::from(e.within(&format!("pings[{index}]"))).body();
+            Err(invalid) => {
+                parsed.invalid_items_users.extend(invalid.named_user);
+                let error = ApiError::from(invalid.error.within(&format!("pings[{index}]"))).body();
                 parsed.rejected.push(Rejected { index, error });
             }
         }
@@ -204,21 +233,19 @@ pub async fn ingest(
     request: Request,
 ) -> Result<Json<PingsReply>, ApiError> {
     let bytes = body_bytes(request, &state).await?;
+    let engine = &state.engine;
+    let parsed = parse_body(&bytes, engine.ping_clock(now_ms()))?;
     // Who may send these pings is decided before what is wrong with them: a client naming
     // another user anywhere in its body, in an invalid item too, is refused whole (API.md: a
     // client token used for another user is 403; batches may mix users only as admin).
-    if let Caller::Client(sub) = &caller {
-        if named_users(&bytes).iter().any(|user| user != sub.as_str()) {
-            return Err(ApiError::Forbidden("this token may only send pings of its own user"));
-        }
-    }
-    let engine = &state.engine;
-    let Parsed { valid, rejected } = parse_body(&bytes, engine.ping_clock(now_ms()))?;
-    tracing::Span::current().record("pings", valid.len() + rejected.len());
-    // A client may send only its own pings; a batch mixing users needs the admin token.
-    if valid.iter().any(|(_, p)| caller.may_act_for(p.user_id.as_str()).is_err()) {
+    if parsed.named_users().any(|user| caller.may_act_for(user).is_err()) {
         return Err(ApiError::Forbidden("this token may only send pings of its own user"));
     }
+    let Parsed { valid, rejected, single_error, .. } = parsed;
+    if let Some(error) = single_error {
+        return Err(error.into());
+    }
+    tracing::Span::current().record("pings", valid.len() + rejected.len());
     metrics::counter!("kabao_pings_rejected_total").increment(rejected.len() as u64);
     metrics::counter!("kabao_pings_accepted_total").increment(valid.len() as u64);
 
