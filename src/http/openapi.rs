@@ -22,7 +22,7 @@ use super::{campaigns, coupons, error, ops, pings, users};
     ),
     components(schemas(
         error::ErrorBody, error::ErrorObject, campaigns::CampaignPage, campaigns::StatsReply,
-        pings::PingsReply, pings::Rejected, pings::Ignored, pings::Event, pings::EventCoupon,
+        pings::PingsReply, pings::Rejected, pings::Ignored, pings::Event, pings::CouponTexts,
         users::DeviceInput, users::WalletItem, users::Wallet, coupons::RedeemInput,
     )),
     modifiers(&BearerAuth),

@@ -73,12 +73,13 @@ pub struct Event {
     /// `ts_ms + valid_for_s × 1000`; `null` when the coupon never expires.
     pub expires_at_ms: Option<i64>,
     /// What the phone shows.
-    pub coupon: EventCoupon,
+    pub coupon: CouponTexts,
 }
 
-/// The campaign coupon's texts, as an event carries them.
+/// The campaign coupon's texts, as an event carries them (in `coupon`) and a wallet item
+/// shows them (inline).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct EventCoupon {
+pub struct CouponTexts {
     /// Headline.
     pub title: String,
     /// Body text.
@@ -102,7 +103,7 @@ impl From<IssuedCoupon> for Event {
             fence_id: c.fence_id.to_string(),
             ts_ms: c.issued_at_ms,
             expires_at_ms: c.expires_at_ms,
-            coupon: EventCoupon { title: c.title, body: c.body, deep_link: c.deep_link, image_url: c.image_url },
+            coupon: CouponTexts { title: c.title, body: c.body, deep_link: c.deep_link, image_url: c.image_url },
         }
     }
 }

@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
+use super::pings::CouponTexts;
 use super::{AppState, JsonBody, PathParams};
 use crate::domain::{DeviceId, UserId};
 use crate::engine::now_ms;
@@ -128,17 +129,9 @@ pub struct WalletItem {
     pub campaign_id: String,
     /// The fence that triggered it.
     pub fence_id: String,
-    /// Headline.
-    pub title: String,
-    /// Body text.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub body: Option<String>,
-    /// Link.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub deep_link: Option<String>,
-    /// Picture.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub image_url: Option<String>,
+    /// Title, body, link and picture.
+    #[serde(flatten)]
+    pub texts: CouponTexts,
     /// The triggering ping's `ts_ms`.
     pub issued_at_ms: i64,
     /// `null` when the coupon never expires.
@@ -164,10 +157,7 @@ impl WalletItem {
             coupon_id: c.coupon_id.to_string(),
             campaign_id: c.campaign_id.to_string(),
             fence_id: c.fence_id.to_string(),
-            title: c.title,
-            body: c.body,
-            deep_link: c.deep_link,
-            image_url: c.image_url,
+            texts: CouponTexts { title: c.title, body: c.body, deep_link: c.deep_link, image_url: c.image_url },
             issued_at_ms: c.issued_at_ms,
             expires_at_ms: c.expires_at_ms,
             status,
