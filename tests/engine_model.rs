@@ -80,23 +80,16 @@ const GRID: [(f64, f64); 9] = [
     (100.0, 100.0),
 ];
 
-/// Fixed ping places: the grid, points between it, and outside everything.
-const PLACES: [(f64, f64); 14] = [
-    (0.0, 0.0),
-    (0.0, 50.0),
-    (0.0, 100.0),
-    (50.0, 0.0),
-    (50.0, 50.0),
-    (50.0, 100.0),
-    (100.0, 0.0),
-    (100.0, 50.0),
-    (100.0, 100.0),
-    (0.0, 25.0),
-    (25.0, 25.0),
-    (50.0, 75.0),
-    (-30.0, 0.0),
-    (180.0, 180.0),
-];
+/// Fixed ping places besides the grid itself: between its points, and outside everything.
+const BETWEEN_AND_OUTSIDE: [(f64, f64); 5] = [(0.0, 25.0), (25.0, 25.0), (50.0, 75.0), (-30.0, 0.0), (180.0, 180.0)];
+
+/// How many fixed ping places there are: the grid, then [`BETWEEN_AND_OUTSIDE`].
+const PLACES: usize = GRID.len() + BETWEEN_AND_OUTSIDE.len();
+
+/// The `i`-th fixed ping place.
+fn fixed_place(i: usize) -> (f64, f64) {
+    GRID.get(i).copied().unwrap_or_else(|| BETWEEN_AND_OUTSIDE[i - GRID.len()])
+}
 
 /// Far enough from everything that a short gap to it is implausibly fast.
 const FAR: (f64, f64) = (2_000.0, 0.0);
@@ -285,7 +278,10 @@ enum Place {
 impl Place {
     fn position(self) -> LatLon {
         match self {
-            Place::Fixed(i) => at(PLACES[i].0, PLACES[i].1),
+            Place::Fixed(i) => {
+                let (north, east) = fixed_place(i);
+                at(north, east)
+            }
             Place::Free(n, e) => at(n, e),
             Place::Far => at(FAR.0, FAR.1),
         }
@@ -357,7 +353,7 @@ fn campaign_spec() -> impl Strategy<Value = CampaignSpec> {
 
 fn place() -> impl Strategy<Value = Place> {
     prop_oneof![
-        5 => (0..PLACES.len()).prop_map(Place::Fixed),
+        5 => (0..PLACES).prop_map(Place::Fixed),
         4 => (-80.0..180.0f64, -80.0..180.0f64).prop_map(|(n, e)| Place::Free(n, e)),
         1 => Just(Place::Far),
     ]
