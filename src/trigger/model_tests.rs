@@ -186,10 +186,7 @@ fn run_script(config: TriggerConfig, initial: &[(usize, bool)], ops: &[Op]) -> R
             Op::Delete { campaign: i } => world.retain(|c| c.id.as_str() != format!("c{i}")),
             Op::Ping { user, place, step, accuracy, mocked } => {
                 clock += STEPS_MS[step];
-                let (north, east) = PLACES[place];
-                let mut p = ping(["u", "v"][user], at(north, east), clock);
-                p.accuracy_m = ACCURACIES[accuracy];
-                p.mocked = mocked;
+                let p = script_ping(user, place, clock, accuracy, mocked);
                 let expected = model(&config, &histories[user], &p, &world);
                 let got = match engine.apply(&p, &hits_of(&world, p.at)) {
                     Outcome::Ignored(reason) => Err(reason),
@@ -206,6 +203,15 @@ fn run_script(config: TriggerConfig, initial: &[(usize, bool)], ops: &[Op]) -> R
         }
     }
     Ok(())
+}
+
+/// The ping a script's `Op::Ping` describes, at `clock`.
+fn script_ping(user: usize, place: usize, clock: i64, accuracy: usize, mocked: bool) -> Ping {
+    let (north, east) = PLACES[place];
+    let mut p = ping(["u", "v"][user], at(north, east), clock);
+    p.accuracy_m = ACCURACIES[accuracy];
+    p.mocked = mocked;
+    p
 }
 
 #[test]
@@ -244,10 +250,7 @@ fn the_scripts_reach_every_outcome() {
             match op {
                 Op::Ping { user, place, step, accuracy, mocked } => {
                     clock += STEPS_MS[step];
-                    let (north, east) = PLACES[place];
-                    let mut p = ping(["u", "v"][user], at(north, east), clock);
-                    p.accuracy_m = ACCURACIES[accuracy];
-                    p.mocked = mocked;
+                    let p = script_ping(user, place, clock, accuracy, mocked);
                     match engine.apply(&p, &hits_of(&world, p.at)) {
                         Outcome::Ignored(reason) => seen.insert(reason.as_str().to_owned()),
                         Outcome::Applied { candidates } if candidates.len() > 1 => seen.insert("several".into()),
