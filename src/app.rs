@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, PushProviderKind};
-use crate::dispatch::{log::LogProvider, run_dispatcher, PushProvider};
+use crate::dispatch::log::LogProvider;
+use crate::dispatch::worker::{DispatchConfig, Dispatcher, Providers};
 use crate::engine::Engine;
 use crate::http::{router, AppState};
 use crate::store::memory::MemoryStore;
@@ -49,14 +50,16 @@ impl Application {
     /// Builds a server over `store` and binds `config.listen`.
     pub async fn build_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
         let engine = Engine::start(store.clone(), config.engine.clone()).await.context("loading campaigns")?;
-        let provider: Arc<dyn PushProvider> = match config.push_provider {
-            PushProviderKind::Log => Arc::new(LogProvider),
+        let providers = match config.push_provider {
+            PushProviderKind::Log => Providers::all(Arc::new(LogProvider)),
         };
-        tracing::info!(push_provider = provider.name(), "push provider");
+        tracing::info!(fcm = providers.fcm.name(), apns = providers.apns.name(), "push providers");
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        tasks.spawn(run_dispatcher(store, provider, engine.issued_notify(), shutdown.clone()));
+        let consumer = format!("kabao-{}-{:08x}", std::process::id(), rand::random::<u32>());
+        let dispatcher = Dispatcher::new(store, providers, DispatchConfig::default(), consumer);
+        tasks.spawn(dispatcher.run(engine.issued_notify(), shutdown.clone()));
 
         let listener = TcpListener::bind(&config.listen).await.with_context(|| format!("binding {}", config.listen))?;
         let local_addr = listener.local_addr().context("reading the bound address")?;

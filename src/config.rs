@@ -234,6 +234,7 @@ impl Config {
             max_coupons_per_user_per_day: pick!(max_coupons_per_user_per_day)
                 .unwrap_or(defaults.max_coupons_per_user_per_day),
             max_speed_mps: pick!(max_speed_mps).unwrap_or(defaults.max_speed_mps),
+            campaign_poll: defaults.campaign_poll,
         };
         if !(engine.max_accuracy_m.is_finite() && engine.max_accuracy_m >= 0.0) {
             bail!("max_accuracy_m must be a non-negative number");

@@ -1,19 +1,32 @@
-//! The engine: one way through for pings (index → trigger rules → store) and the path by which
-//! campaign changes reach the index.
+//! The engine: one way through for pings, and the path by which campaign changes reach the index.
 //!
-//! Matching and the trigger rules are synchronous and in memory; the store is awaited only for a
-//! ping that produced a candidate, so a ping that touches no fence costs no store round trip.
+//! A request goes through named stages, each over one type (DESIGN.md "One way through"):
+//! [`Engine::ingest`] matches every ping (pure), reads the states of the request's users (the
+//! node's cache, the store for the rest: one call), applies the trigger rules to each user's pings
+//! (pure: new states and issue requests), and hands the whole request to the store in one
+//! [`IssueStore::commit`](crate::store::IssueStore::commit); users whose state another request changed meanwhile are re-applied
+//! to the state the store answered with and committed again. Nothing of a request is visible
+//! before its commit, so a failed request can be retried whole.
+//!
+//! Campaign changes flow the other way: a write goes to the store, which assigns its revision; the
+//! change is applied to this node's index at once, and every node follows the store's change feed
+//! ([`CampaignStore::campaign_changes`](crate::store::CampaignStore::campaign_changes)) so writes made through other nodes arrive too.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{Mutex, Notify};
+use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
+use tokio::sync::Notify;
 
-use crate::domain::{Campaign, CampaignId, CouponId, LatLon, Ping, PingClock};
+use crate::domain::{Campaign, CampaignId, CouponId, LatLon, Ping, PingClock, UserId};
 use crate::spatial::{Hit, LiveIndex, Snapshot};
-use crate::store::{IssueCandidate, IssueOutcome, IssueRequest, IssuedCoupon, Store, StoreError};
-use crate::trigger::{Candidate, FenceHit, IgnoreReason, Outcome, TriggerConfig, TriggerEngine};
+use crate::store::{
+    CampaignChange, IssueCandidate, IssueOutcome, IssueRequest, IssuedCoupon, Store, StoreError, UserCommit,
+    UserCommitResult, UserStateRecord,
+};
+use crate::trigger::{FenceHit, IgnoreReason, Outcome, TriggerConfig, TriggerEngine, UserState};
 
 /// The settings of API.md's Configuration table that the engine itself reads.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +41,8 @@ pub struct EngineConfig {
     pub max_coupons_per_user_per_day: u32,
     /// Implausible-speed bound of rule 0; 0 = off.
     pub max_speed_mps: f64,
+    /// How often the node asks the store for campaign changes made through other nodes.
+    pub campaign_poll: Duration,
 }
 
 impl Default for EngineConfig {
@@ -38,6 +53,7 @@ impl Default for EngineConfig {
             max_accuracy_m: 100.0,
             max_coupons_per_user_per_day: 10,
             max_speed_mps: 100.0,
+            campaign_poll: Duration::from_millis(200),
         }
     }
 }
@@ -51,22 +67,27 @@ pub struct IngestReport {
     pub events: Vec<IssuedCoupon>,
 }
 
+/// How often one request re-applies a user whose state other requests keep changing before it
+/// gives up with `503` (the client's retry then starts afresh).
+const MAX_COMMIT_ATTEMPTS: usize = 16;
+
 /// Index, trigger state and store, wired together.
 pub struct Engine {
-    /// Source of truth for campaigns, and the atomic issuer.
+    /// Source of truth for campaigns, user states and coupons; the atomic issuer.
     store: Arc<dyn Store>,
     /// What matching reads; swapped, never locked, on campaign changes.
     index: LiveIndex,
-    /// Per-user stays.
+    /// This node's cache of user trigger states.
     triggers: TriggerEngine,
     config: EngineConfig,
     /// Set once the index is built from the store.
     ready: AtomicBool,
-    /// Last revision handed to a campaign (see [`Campaign::revision`]).
-    revision: AtomicU64,
-    /// Serialises campaign writes so the store and the index see them in the same order.
-    campaign_writes: Mutex<()>,
-    /// Woken whenever coupons were issued, so the dispatcher need not poll.
+    /// The newest revision of each campaign applied to the index (deletes included, so a late
+    /// copy of an older revision never resurrects a campaign).
+    applied: Mutex<FxHashMap<CampaignId, u64>>,
+    /// The store campaign revision the index is complete up to.
+    feed_revision: AtomicU64,
+    /// Woken whenever coupons were issued, so a local dispatcher need not wait for its poll.
     issued: Arc<Notify>,
 }
 
@@ -75,12 +96,31 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// One user's share of a request: its pings (positions in the request's event-time order) and,
+/// once applied, what they did.
+struct UserWork {
+    user_id: UserId,
+    /// Indices into the request's event-time order, ascending.
+    pings: Vec<usize>,
+    /// The state the pings are applied to, and its store version (0 = none stored).
+    base: (u64, UserState),
+}
+
+/// What applying one user's pings to its base state gave (pure; nothing is committed yet).
+struct UserApplied {
+    state: UserState,
+    changed: bool,
+    ignored: Vec<(usize, IgnoreReason)>,
+    issues: Vec<IssueRequest>,
+}
+
 impl Engine {
-    /// Loads every campaign from the store, builds the index, and starts the background task
-    /// that frees trigger state of idle users.
+    /// Loads every campaign from the store, builds the index, and starts the background tasks
+    /// that follow the store's campaign changes and free trigger state of idle users.
     pub async fn start(store: Arc<dyn Store>, config: EngineConfig) -> Result<Arc<Engine>, StoreError> {
-        let campaigns = store.all_campaigns().await?;
+        let (revision, campaigns) = store.all_campaigns().await?;
         let started = Instant::now();
+        let applied = campaigns.iter().map(|c| (c.id.clone(), c.revision)).collect();
         let index = LiveIndex::new(campaigns);
         tracing::info!(
             fences = index.snapshot().fence_count(),
@@ -98,11 +138,12 @@ impl Engine {
             triggers,
             config,
             ready: AtomicBool::new(true),
-            revision: AtomicU64::new(0),
-            campaign_writes: Mutex::new(()),
+            applied: Mutex::new(applied),
+            feed_revision: AtomicU64::new(revision),
             issued: Arc::new(Notify::new()),
         });
         tokio::spawn(evict_idle_users(Arc::downgrade(&engine)));
+        tokio::spawn(follow_campaign_changes(Arc::downgrade(&engine)));
         Ok(engine)
     }
 
@@ -131,66 +172,158 @@ impl Engine {
         self.index.snapshot()
     }
 
-    /// Notified after every call that issued coupons; the dispatcher waits on it.
+    /// Notified after every call that issued coupons; a dispatcher may wait on it.
     pub fn issued_notify(&self) -> Arc<Notify> {
         self.issued.clone()
     }
 
-    /// A revision newer than any handed out before, by this process or (via the clock) an
-    /// earlier one.
-    fn next_revision(&self) -> u64 {
-        let clock = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-        let mut prev = self.revision.load(Ordering::Relaxed);
-        loop {
-            let next = clock.max(prev + 1);
-            match self.revision.compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return next,
-                Err(actual) => prev = actual,
-            }
-        }
+    /// How long the store must keep a user's trigger state after a commit: a user silent for
+    /// `max_ping_age_s + state_ttl_s + 60 s` of server time can only send a ping whose `ts_ms` is
+    /// more than `state_ttl_s` after their last one, which forgets every stay anyway.
+    fn keep_state_ms(&self) -> i64 {
+        let idle_s = self.config.max_ping_age_s.saturating_add(self.config.state_ttl_s).saturating_add(60);
+        i64::try_from(idle_s.saturating_mul(1000)).unwrap_or(i64::MAX)
     }
 
     /// Stores a new campaign and makes it visible to matching; `Conflict` when the id is taken.
-    pub async fn create_campaign(&self, mut campaign: Campaign) -> Result<Arc<Campaign>, StoreError> {
-        let _order = self.campaign_writes.lock().await;
-        campaign.revision = self.next_revision();
-        let campaign = Arc::new(campaign);
-        self.store.insert_campaign(campaign.clone()).await?;
-        self.index.upsert(campaign.clone());
+    pub async fn create_campaign(&self, campaign: Campaign) -> Result<Arc<Campaign>, StoreError> {
+        let campaign = self.store.insert_campaign(campaign).await?;
+        self.apply_change(CampaignChange::Upsert(campaign.clone()));
         Ok(campaign)
     }
 
     /// Replaces a campaign (its stays are forgotten); `NotFound` when absent.
-    pub async fn replace_campaign(&self, mut campaign: Campaign) -> Result<Arc<Campaign>, StoreError> {
-        let _order = self.campaign_writes.lock().await;
-        campaign.revision = self.next_revision();
-        let campaign = Arc::new(campaign);
-        self.store.replace_campaign(campaign.clone()).await?;
-        self.index.upsert(campaign.clone());
+    pub async fn replace_campaign(&self, campaign: Campaign) -> Result<Arc<Campaign>, StoreError> {
+        let campaign = self.store.replace_campaign(campaign).await?;
+        self.apply_change(CampaignChange::Upsert(campaign.clone()));
         Ok(campaign)
     }
 
     /// Deletes a campaign; `NotFound` when absent. Issued coupons stay in wallets.
     pub async fn delete_campaign(&self, id: &CampaignId) -> Result<(), StoreError> {
-        let _order = self.campaign_writes.lock().await;
-        self.store.delete_campaign(id).await?;
-        self.index.remove(id);
+        let revision = self.store.delete_campaign(id).await?;
+        self.apply_change(CampaignChange::Delete { id: id.clone(), revision });
+        Ok(())
+    }
+
+    /// Erases a user (API.md `DELETE /v1/users/{id}`): the store's records and this node's cache.
+    /// Other nodes' caches are refused at their next commit (the version is gone).
+    pub async fn erase_user(&self, user: &UserId) -> Result<(), StoreError> {
+        self.store.erase_user(user).await?;
+        self.triggers.forget(user);
+        Ok(())
+    }
+
+    /// Applies one campaign change to the index unless a newer revision of it is applied already
+    /// (the change feed repeats this node's own writes, and may deliver changes late).
+    fn apply_change(&self, change: CampaignChange) {
+        let mut applied = self.applied.lock();
+        let (id, revision) = match &change {
+            CampaignChange::Upsert(campaign) => (&campaign.id, campaign.revision),
+            CampaignChange::Delete { id, revision } => (id, *revision),
+        };
+        if applied.get(id).is_some_and(|&known| known >= revision) {
+            return;
+        }
+        applied.insert(id.clone(), revision);
+        match change {
+            CampaignChange::Upsert(campaign) => self.index.upsert(campaign),
+            CampaignChange::Delete { id, .. } => {
+                self.index.remove(&id);
+            }
+        }
+    }
+
+    /// Brings the index up to the store's campaigns: the changes since the last poll, or all
+    /// campaigns when the store no longer has every change.
+    pub async fn sync_campaigns(&self) -> Result<(), StoreError> {
+        let since = self.feed_revision.load(Ordering::Acquire);
+        let feed = self.store.campaign_changes(since).await?;
+        if feed.revision <= since {
+            return Ok(());
+        }
+        match feed.changes {
+            Some(changes) => changes.into_iter().for_each(|change| self.apply_change(change)),
+            None => {
+                let (revision, campaigns) = self.store.all_campaigns().await?;
+                let live: FxHashMap<CampaignId, Arc<Campaign>> =
+                    campaigns.into_iter().map(|c| (c.id.clone(), c)).collect();
+                let gone: Vec<CampaignId> = self
+                    .index
+                    .snapshot()
+                    .live_campaigns()
+                    .map(|c| c.id.clone())
+                    .filter(|id| !live.contains_key(id))
+                    .collect();
+                for id in gone {
+                    self.apply_change(CampaignChange::Delete { id, revision });
+                }
+                live.into_values().for_each(|campaign| self.apply_change(CampaignChange::Upsert(campaign)));
+            }
+        }
+        self.feed_revision.fetch_max(feed.revision, Ordering::AcqRel);
         Ok(())
     }
 
     /// Applies valid pings. Each user's pings are applied in `ts_ms` order (ties in the given
     /// order), whatever their order in `pings`; positions in the report refer to `pings`.
     pub async fn ingest(&self, pings: Vec<Ping>) -> Result<IngestReport, StoreError> {
-        let mut order: Vec<usize> = (0..pings.len()).collect();
         // Event-time order across the whole request (stable: equal `ts_ms` keep their array
         // order). That applies each user's pings in ts order, as API.md requires, and lets the
         // earliest ping win where users compete for a campaign's last coupon (`total_max`).
+        let mut order: Vec<usize> = (0..pings.len()).collect();
         order.sort_by_key(|&i| pings[i].ts_ms);
 
-        // Match the whole request at once: the batch path overlaps the index's cache misses.
         let snapshot = self.index.snapshot();
+        let matched = self.match_all(&snapshot, &pings, &order);
+        let mut users = self.read_states(&pings, &order).await?;
+
+        let mut report = IngestReport::default();
+        for _attempt in 0..MAX_COMMIT_ATTEMPTS {
+            let applied: Vec<UserApplied> =
+                users.iter().map(|user| self.apply_user(&snapshot, &pings, &order, &matched, user)).collect();
+            let commits: Vec<UserCommit> = users.iter().zip(&applied).map(|(u, a)| self.user_commit(u, a)).collect();
+            let results = self.store.commit(commits.clone()).await.inspect_err(|_| {
+                // The outcome is unknown: the cached states may be ahead of or behind the store.
+                users.iter().for_each(|u| {
+                    self.triggers.forget(&u.user_id);
+                });
+            })?;
+
+            let mut conflicts = Vec::new();
+            for (((user, applied), commit), result) in users.into_iter().zip(applied).zip(commits).zip(results) {
+                match result {
+                    UserCommitResult::Committed { version, outcomes } => {
+                        self.triggers.remember(&user.user_id, version, applied.state);
+                        report.ignored.extend(applied.ignored.into_iter().map(|(k, reason)| (order[k], reason)));
+                        report.events.extend(issued_coupons(commit.issues, outcomes));
+                    }
+                    UserCommitResult::Conflict { current } => {
+                        metrics::counter!("kabao_state_conflicts_total").increment(1);
+                        conflicts.push(UserWork { base: decode_state(&user.user_id, current), ..user });
+                    }
+                }
+            }
+            if conflicts.is_empty() {
+                self.count(&report, pings.len());
+                if !report.events.is_empty() {
+                    self.issued.notify_waiters();
+                }
+                return Ok(report);
+            }
+            users = conflicts;
+        }
+        users.iter().for_each(|u| {
+            self.triggers.forget(&u.user_id);
+        });
+        Err(StoreError::Unavailable("too many concurrent changes to the same users; retry the request".into()))
+    }
+
+    /// Stage 1: every ping against the index at once (the batch path overlaps the index's cache
+    /// misses). Returns, per position in `order`, the end of its hits in the flat hit list.
+    fn match_all(&self, snapshot: &Snapshot, pings: &[Ping], order: &[usize]) -> (Vec<Hit>, Vec<usize>) {
         let positions: Vec<LatLon> = order.iter().map(|&i| pings[i].at).collect();
-        let (mut hits, mut ends): (Vec<Hit>, Vec<usize>) = (Vec::new(), Vec::with_capacity(order.len()));
+        let (mut hits, mut ends) = (Vec::new(), Vec::with_capacity(order.len()));
         let started = Instant::now();
         snapshot.matches_many(&positions, &mut hits, &mut ends);
         if !order.is_empty() {
@@ -198,90 +331,159 @@ impl Engine {
             let per_ping = started.elapsed().as_secs_f64() / order.len() as f64;
             metrics::histogram!("kabao_match_duration_seconds").record_many(per_ping, order.len());
         }
+        (hits, ends)
+    }
 
-        let mut report = IngestReport::default();
+    /// Stage 2: the request's users, each with the state its pings apply to: the node's cache
+    /// where it has the user, the store (one call for all the others) where not.
+    async fn read_states(&self, pings: &[Ping], order: &[usize]) -> Result<Vec<UserWork>, StoreError> {
+        let mut by_user: FxHashMap<&UserId, usize> = FxHashMap::default();
+        let mut users: Vec<UserWork> = Vec::new();
+        for (k, &i) in order.iter().enumerate() {
+            let user_id = &pings[i].user_id;
+            let slot = *by_user.entry(user_id).or_insert_with(|| {
+                users.push(UserWork { user_id: user_id.clone(), pings: Vec::new(), base: (0, UserState::default()) });
+                users.len() - 1
+            });
+            users[slot].pings.push(k);
+        }
+        let mut missing = Vec::new();
+        for (slot, user) in users.iter_mut().enumerate() {
+            match self.triggers.cached(&user.user_id) {
+                Some(cached) => user.base = cached,
+                None => missing.push(slot),
+            }
+        }
+        if !missing.is_empty() {
+            let ids: Vec<UserId> = missing.iter().map(|&slot| users[slot].user_id.clone()).collect();
+            let records = self.store.load_user_states(&ids).await?;
+            for (slot, record) in missing.into_iter().zip(records) {
+                users[slot].base = decode_state(&users[slot].user_id, record);
+            }
+        }
+        Ok(users)
+    }
+
+    /// Stage 3 (pure): one user's pings, in event time, through the trigger rules and rule 4's
+    /// schedule half; the coupons they may issue, for the store to decide.
+    fn apply_user(
+        &self,
+        snapshot: &Snapshot,
+        pings: &[Ping],
+        order: &[usize],
+        (hits, ends): &(Vec<Hit>, Vec<usize>),
+        user: &UserWork,
+    ) -> UserApplied {
+        let mut state = user.base.1.clone();
+        let mut applied =
+            UserApplied { state: UserState::default(), changed: false, ignored: Vec::new(), issues: Vec::new() };
         let mut fence_hits: Vec<FenceHit<'_>> = Vec::new();
-        for (k, &position) in order.iter().enumerate() {
-            let ping = &pings[position];
+        for &k in &user.pings {
+            let ping = &pings[order[k]];
             let from = if k == 0 { 0 } else { ends[k - 1] };
             fence_hits.clear();
             fence_hits.extend(hits[from..ends[k]].iter().map(|hit| {
                 let campaign = snapshot.campaign(hit.campaign);
                 FenceHit { campaign, fence: &campaign.fences[hit.fence as usize] }
             }));
-            let candidates = match self.triggers.apply(ping, &fence_hits) {
-                Outcome::Ignored(reason) => {
-                    metrics::counter!("kabao_pings_ignored_total", "reason" => reason.as_str()).increment(1);
-                    report.ignored.push((position, reason));
-                    continue;
-                }
-                Outcome::Applied { candidates } => candidates,
-            };
-            metrics::counter!("kabao_pings_applied_total").increment(1);
-            let issuing: Vec<Candidate> =
-                candidates.into_iter().filter(|c| c.campaign.is_issuing_at(ping.ts_ms)).collect();
-            if issuing.is_empty() {
-                continue;
-            }
-            match self.issue(ping, issuing).await {
-                Ok(issued) => report.events.extend(issued),
-                Err(e) => {
-                    // The candidates were used up in the trigger state but nothing was issued:
-                    // forget the user so a retry of this request re-detects them.
-                    self.triggers.forget(&ping.user_id);
-                    return Err(e);
+            match state.apply(self.triggers.config(), ping, &fence_hits) {
+                Outcome::Ignored(reason) => applied.ignored.push((k, reason)),
+                Outcome::Applied { candidates } => {
+                    applied.changed = true;
+                    // Candidates come in ascending campaign id order (API.md: the daily cap takes
+                    // campaigns in that order).
+                    let candidates: Vec<IssueCandidate> = candidates
+                        .into_iter()
+                        .filter(|c| c.campaign.is_issuing_at(ping.ts_ms))
+                        .map(|c| issue_candidate(ping, &c.campaign, c.fence_id))
+                        .collect();
+                    if !candidates.is_empty() {
+                        applied.issues.push(IssueRequest {
+                            user_id: ping.user_id.clone(),
+                            ts_ms: ping.ts_ms,
+                            seq: k as u32,
+                            daily_cap: self.config.max_coupons_per_user_per_day,
+                            candidates,
+                        });
+                    }
                 }
             }
         }
-        if !report.events.is_empty() {
-            self.issued.notify_one();
-        }
-        Ok(report)
+        applied.state = state;
+        applied
     }
 
-    /// Asks the store to issue every candidate of one ping, in ascending campaign id order.
-    async fn issue(&self, ping: &Ping, mut candidates: Vec<Candidate>) -> Result<Vec<IssuedCoupon>, StoreError> {
-        candidates.sort_by(|a, b| a.campaign.id.cmp(&b.campaign.id));
-        let candidates: Vec<IssueCandidate> = candidates
-            .into_iter()
-            .map(|c| {
-                let campaign = &c.campaign;
-                let template = &campaign.coupon;
-                IssueCandidate {
-                    coupon: IssuedCoupon {
-                        coupon_id: CouponId::derive(&campaign.id, &ping.user_id, ping.ts_ms),
-                        user_id: ping.user_id.clone(),
-                        campaign_id: campaign.id.clone(),
-                        fence_id: c.fence_id.clone(),
-                        merchant_id: campaign.merchant.as_ref().map(|m| m.id.clone()),
-                        title: template.title.clone(),
-                        body: template.body.clone(),
-                        deep_link: template.deep_link.clone(),
-                        image_url: template.image_url.clone(),
-                        issued_at_ms: ping.ts_ms,
-                        expires_at_ms: template.valid_for_s.map(|s| ping.ts_ms.saturating_add(s.saturating_mul(1000))),
-                    },
-                    caps: campaign.caps,
-                    audience_tags: campaign.audience_tags.clone().into(),
-                }
-            })
-            .collect();
-        let request = IssueRequest {
+    /// Stage 4's input for one user: the state to write (if it changed), guarded by the version
+    /// it was read at.
+    fn user_commit(&self, user: &UserWork, applied: &UserApplied) -> UserCommit {
+        UserCommit {
+            user_id: user.user_id.clone(),
+            expected_version: user.base.0,
+            new_state: applied.changed.then(|| applied.state.encode()),
+            // Never 0, which means "no state".
+            new_version: rand::random::<u64>() | 1,
+            keep_for_ms: self.keep_state_ms(),
+            issues: applied.issues.clone(),
+        }
+    }
+
+    /// Counts a committed request's pings and candidates.
+    fn count(&self, report: &IngestReport, pings: usize) {
+        for (_, reason) in &report.ignored {
+            metrics::counter!("kabao_pings_ignored_total", "reason" => reason.as_str()).increment(1);
+        }
+        metrics::counter!("kabao_pings_applied_total").increment((pings - report.ignored.len()) as u64);
+    }
+}
+
+/// The coupon a candidate would issue at this ping, with the rules the store must check.
+fn issue_candidate(ping: &Ping, campaign: &Campaign, fence_id: crate::domain::FenceId) -> IssueCandidate {
+    let template = &campaign.coupon;
+    IssueCandidate {
+        coupon: IssuedCoupon {
+            coupon_id: CouponId::derive(&campaign.id, &ping.user_id, ping.ts_ms),
             user_id: ping.user_id.clone(),
-            ts_ms: ping.ts_ms,
-            daily_cap: self.config.max_coupons_per_user_per_day,
-            candidates,
-        };
-        let coupons: Vec<IssuedCoupon> = request.candidates.iter().map(|c| c.coupon.clone()).collect();
-        let outcomes = self.store.issue(request).await?;
-        let mut issued = Vec::new();
-        for (coupon, outcome) in coupons.into_iter().zip(outcomes) {
+            campaign_id: campaign.id.clone(),
+            fence_id,
+            merchant_id: campaign.merchant.as_ref().map(|m| m.id.clone()),
+            title: template.title.clone(),
+            body: template.body.clone(),
+            deep_link: template.deep_link.clone(),
+            image_url: template.image_url.clone(),
+            issued_at_ms: ping.ts_ms,
+            expires_at_ms: template.valid_for_s.map(|s| ping.ts_ms.saturating_add(s.saturating_mul(1000))),
+        },
+        caps: campaign.caps,
+        audience_tags: campaign.audience_tags.clone().into(),
+    }
+}
+
+/// The coupons the store issued out of a user's issue requests.
+fn issued_coupons(issues: Vec<IssueRequest>, outcomes: Vec<Vec<IssueOutcome>>) -> Vec<IssuedCoupon> {
+    let mut issued = Vec::new();
+    for (request, outcomes) in issues.into_iter().zip(outcomes) {
+        for (candidate, outcome) in request.candidates.into_iter().zip(outcomes) {
             metrics::counter!("kabao_candidates_total", "outcome" => outcome_label(outcome)).increment(1);
             if outcome == IssueOutcome::Issued {
-                issued.push(coupon);
+                issued.push(candidate.coupon);
             }
         }
-        Ok(issued)
+    }
+    issued
+}
+
+/// A stored state, decoded; a record that cannot be read starts the user afresh (logged: it
+/// costs the user's open stays, never a coupon, which the store's caps still guard).
+fn decode_state(user: &UserId, record: Option<UserStateRecord>) -> (u64, UserState) {
+    match record {
+        None => (0, UserState::default()),
+        Some(record) => match UserState::decode(&record.bytes) {
+            Ok(state) => (record.version, state),
+            Err(e) => {
+                tracing::error!(error = %e, user_hash = user_hash(user), "unreadable trigger state; starting the user afresh");
+                (record.version, UserState::default())
+            }
+        },
     }
 }
 
@@ -297,19 +499,38 @@ fn outcome_label(outcome: IssueOutcome) -> &'static str {
     }
 }
 
-/// Frees the trigger state of users idle long enough that it could not matter any more: a user
-/// untouched for `max_ping_age_s + state_ttl_s + 60 s` of server time can only send a ping whose
-/// `ts_ms` is more than `state_ttl_s` after their last one, which forgets every stay anyway.
+/// Follows the store's campaign change feed, so writes made through other nodes reach this
+/// node's index (within `campaign_poll`; a node that was cut off catches up on its next poll).
+async fn follow_campaign_changes(engine: Weak<Engine>) {
+    let Some(poll) = engine.upgrade().map(|e| e.config.campaign_poll) else { return };
+    let mut tick = tokio::time::interval(poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(engine) = engine.upgrade() else { return };
+        if let Err(e) = engine.sync_campaigns().await {
+            tracing::warn!(error = %e, "cannot read campaign changes from the store; retrying");
+        }
+    }
+}
+
+/// Frees the cached trigger state of users idle long enough that it could not matter any more
+/// (see [`Engine::keep_state_ms`]).
 async fn evict_idle_users(engine: Weak<Engine>) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
         tick.tick().await;
         let Some(engine) = engine.upgrade() else { return };
-        let idle_s = engine.config.max_ping_age_s + engine.config.state_ttl_s + 60;
-        let freed = engine.triggers.evict_idle(now_ms(), (idle_s as i64).saturating_mul(1000));
+        let freed = engine.triggers.evict_idle(now_ms(), engine.keep_state_ms());
         if freed > 0 {
             tracing::debug!(freed, "freed idle trigger state");
         }
         metrics::gauge!("kabao_tracked_users").set(engine.triggers.user_count() as f64);
     }
+}
+
+/// A user id as logs may show it: a short hash, never the id itself (API.md privacy).
+pub fn user_hash(user: &UserId) -> String {
+    use std::hash::BuildHasher;
+    format!("{:016x}", rustc_hash::FxBuildHasher.hash_one(user.as_str()))
 }

@@ -205,6 +205,7 @@ fn config(max_speed_mps: f64, daily_cap: u32) -> EngineConfig {
         max_accuracy_m: MAX_ACCURACY_M,
         max_coupons_per_user_per_day: daily_cap,
         max_speed_mps,
+        ..EngineConfig::default()
     }
 }
 
@@ -689,8 +690,8 @@ async fn run_scenario(s: &Scenario) -> Result<BTreeSet<&'static str>, TestCaseEr
     let mut current: Vec<Option<usize>> = vec![Some(0); defs.len()];
     for pair in &defs {
         // Through the store before the engine starts: the index is built from it.
-        store.insert_campaign(pair[0].clone()).await.expect("insert");
-        reference.create(pair[0].clone());
+        let stored = store.insert_campaign((*pair[0]).clone()).await.expect("insert");
+        reference.create(stored);
     }
     let users: Vec<String> = (0..s.users.len()).map(|i| format!("u{i}")).collect();
     for (u, devices) in users.iter().zip(&s.users) {

@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use super::{PushProvider, PushResult};
+use super::{PushOutcome, PushProvider};
 use crate::store::{Device, IssuedCoupon};
 
 /// Logs each push at info level (the device token is not logged: it is a credential).
@@ -16,15 +16,15 @@ impl PushProvider for LogProvider {
         "log"
     }
 
-    async fn send(&self, device: &Device, coupon: &IssuedCoupon) -> PushResult {
+    async fn send(&self, device: &Device, coupon: &IssuedCoupon) -> PushOutcome {
         tracing::info!(
             platform = ?device.platform,
-            user_id = %coupon.user_id,
+            user_hash = %crate::engine::user_hash(&coupon.user_id),
             coupon_id = %coupon.coupon_id,
             campaign_id = %coupon.campaign_id,
             title = %coupon.title,
             "push"
         );
-        PushResult::Delivered
+        PushOutcome::Delivered
     }
 }

@@ -198,6 +198,27 @@ pub struct StatsReply {
     pub issued: u64,
     /// Of those, redeemed.
     pub redeemed: u64,
+    /// What became of the coupons' pushes (one per coupon and device).
+    pub pushes: PushCounts,
+}
+
+/// Push outcomes of a campaign's coupons (API.md "Pushes").
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PushCounts {
+    /// Accepted by the provider.
+    pub delivered: u64,
+    /// Failed at least once, waiting for another attempt.
+    pub retrying: u64,
+    /// Given up (permanent error, or every attempt used): in the dead letters.
+    pub failed: u64,
+    /// The provider called the token dead; the device was removed.
+    pub dead_token: u64,
+}
+
+impl From<crate::store::PushStats> for PushCounts {
+    fn from(p: crate::store::PushStats) -> Self {
+        Self { delivered: p.delivered, retrying: p.retrying, failed: p.failed, dead_token: p.dead_token }
+    }
 }
 
 /// Counters of a campaign.
@@ -218,5 +239,10 @@ pub async fn stats(
         return Err(not_found(&id));
     }
     let stats = store.campaign_stats(&cid).await?;
-    Ok(Json(StatsReply { campaign_id: id, issued: stats.issued, redeemed: stats.redeemed }))
+    Ok(Json(StatsReply {
+        campaign_id: id,
+        issued: stats.issued,
+        redeemed: stats.redeemed,
+        pushes: stats.pushes.into(),
+    }))
 }

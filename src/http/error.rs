@@ -159,6 +159,7 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict => ApiError::Conflict("already exists".into()),
             StoreError::NotFound => ApiError::NotFound("not found".into()),
             StoreError::Unavailable(cause) => ApiError::Unavailable(cause),
+            StoreError::Lost(cause) => ApiError::Unavailable(format!("the store lost its data: {cause}")),
         }
     }
 }

@@ -89,6 +89,7 @@ pub fn router(state: AppState) -> Router {
     let clients = Router::new()
         .route("/v1/pings", post(pings::ingest))
         .route("/v1/users/{user_id}/devices/{device_id}", put(users::put_device).delete(users::delete_device))
+        .route("/v1/users/{user_id}", axum::routing::delete(users::erase_user))
         .route("/v1/users/{user_id}/coupons", get(users::wallet))
         .route("/v1/coupons/{coupon_id}/redeem", post(coupons::redeem))
         .layer(DefaultBodyLimit::max(state.http.ping_body_limit_bytes));

@@ -120,6 +120,26 @@ pub async fn delete_device(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Erases everything kabao holds about a user (API.md "Devices": devices, wallet, trigger state,
+/// cap counters, pending pushes); campaign totals keep counting the user's coupons. A user kabao
+/// never saw is `204` too.
+#[utoipa::path(delete, path = "/v1/users/{user_id}", tag = "devices",
+    params(("user_id" = String, Path, description = "User id")),
+    responses((status = 204, description = "Erased"), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)),
+    security(("bearer" = [])))]
+#[tracing::instrument(skip_all)]
+pub async fn erase_user(
+    caller: Caller,
+    State(state): State<AppState>,
+    PathParams(user): PathParams<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.may_act_for(&user)?;
+    let user_id = UserId::parse("user_id", &user)?;
+    state.engine.erase_user(&user_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// A coupon as the wallet (and a redemption) shows it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct WalletItem {

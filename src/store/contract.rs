@@ -11,7 +11,8 @@ use std::sync::Arc;
 use crate::domain::{Campaign, CampaignDoc, CampaignId, Caps, CouponId, DeviceId, FenceId, UserId};
 
 use super::{
-    Device, IssueCandidate, IssueOutcome, IssueRequest, IssuedCoupon, Platform, RedeemError, Store, StoreError,
+    CampaignChange, Device, IssueCandidate, IssueOutcome, IssueRequest, IssuedCoupon, OutboxEntry, Platform, PushFinal,
+    RedeemError, Store, StoreError, UserCommit, UserCommitResult, UserStateRecord,
 };
 
 /// A ping time well inside any plausible window.
@@ -33,6 +34,11 @@ pub async fn store_contract_suite(store: Arc<dyn Store>) {
     wallet_and_coupon(&store).await;
     redeem(&store).await;
     outbox(&store).await;
+    push_outcomes(&store).await;
+    user_states(&store).await;
+    commit_decides_in_event_time(&store).await;
+    campaign_feed(&store).await;
+    erase_user(&store).await;
     concurrent_issue_never_breaks_a_cap(&store).await;
 }
 
@@ -45,7 +51,7 @@ fn cid(s: &str) -> CampaignId {
 }
 
 /// A minimal valid campaign named `name`.
-fn campaign(id: &str, name: &str) -> Arc<Campaign> {
+fn campaign(id: &str, name: &str) -> Campaign {
     let doc: CampaignDoc = serde_json::from_value(serde_json::json!({
         "id": id,
         "name": name,
@@ -53,7 +59,7 @@ fn campaign(id: &str, name: &str) -> Arc<Campaign> {
         "fences": [{"id": "f", "type": "circle", "center": [114.0579, 22.5431], "radius_m": 150}],
     }))
     .expect("a campaign document");
-    Arc::new(doc.validate(|| cid(id)).expect("a valid campaign"))
+    doc.validate(|| cid(id)).expect("a valid campaign")
 }
 
 fn coupon(campaign: &str, user: &str, ts_ms: i64) -> IssuedCoupon {
@@ -86,10 +92,11 @@ async fn issue_one(store: &Arc<dyn Store>, candidate: IssueCandidate) -> IssueOu
     let request = IssueRequest {
         user_id: candidate.coupon.user_id.clone(),
         ts_ms: candidate.coupon.issued_at_ms,
+        seq: 0,
         daily_cap: 0,
         candidates: vec![candidate],
     };
-    let outcomes = store.issue(request).await.expect("issue");
+    let outcomes = issue(store, request).await;
     assert_eq!(outcomes.len(), 1, "one outcome per candidate");
     outcomes[0]
 }
@@ -105,10 +112,33 @@ async fn issue_ping(
     let request = IssueRequest {
         user_id: uid(user),
         ts_ms,
+        seq: 0,
         daily_cap,
         candidates: campaigns.iter().map(|c| candidate(c, user, ts_ms, Caps::default())).collect(),
     };
-    store.issue(request).await.expect("issue")
+    issue(store, request).await
+}
+
+/// Decides one issue request through a commit that leaves the user's trigger state as it is.
+pub async fn issue(store: &Arc<dyn Store>, request: IssueRequest) -> Vec<IssueOutcome> {
+    let user = request.user_id.clone();
+    loop {
+        let stored = store.load_user_states(std::slice::from_ref(&user)).await.expect("load user states");
+        let expected_version = stored[0].as_ref().map_or(0, |r| r.version);
+        let commit = UserCommit {
+            user_id: user.clone(),
+            expected_version,
+            new_state: None,
+            new_version: 0,
+            keep_for_ms: HOUR,
+            issues: vec![request.clone()],
+        };
+        match store.commit(vec![commit]).await.expect("commit").remove(0) {
+            UserCommitResult::Committed { mut outcomes, .. } => return outcomes.remove(0),
+            // Another task changed the user's state in between: read it again.
+            UserCommitResult::Conflict { .. } => continue,
+        }
+    }
 }
 
 fn device(tags: &[&str]) -> Device {
@@ -153,7 +183,7 @@ pub async fn campaigns_crud(store: &Arc<dyn Store>) {
         walked.extend(ids(&page));
     }
     assert!(walked.windows(2).all(|w| w[0] < w[1]), "pages ascend strictly: {walked:?}");
-    let all = ids(&store.all_campaigns().await.unwrap());
+    let all = ids(&store.all_campaigns().await.unwrap().1);
     assert_eq!(walked.len(), all.len());
     for id in ["crud-a", "crud-b", "crud-c"] {
         assert!(all.iter().any(|a| a == id), "all_campaigns holds {id}");
@@ -236,10 +266,11 @@ pub async fn issue_dedup(store: &Arc<dyn Store>) {
     let twice = IssueRequest {
         user_id: uid("dup-u"),
         ts_ms: T + 1,
+        seq: 0,
         daily_cap: 0,
         candidates: vec![candidate("dup-a", "dup-u", T + 1, Caps::default()); 2],
     };
-    assert_eq!(store.issue(twice).await.unwrap(), [IssueOutcome::Issued, IssueOutcome::Duplicate]);
+    assert_eq!(issue(store, twice).await, [IssueOutcome::Issued, IssueOutcome::Duplicate]);
     assert_eq!(store.wallet(&uid("dup-u")).await.unwrap().len(), 2);
     assert_eq!(store.campaign_stats(&cid("dup-a")).await.unwrap().issued, 2);
 }
@@ -407,46 +438,248 @@ pub async fn redeem(store: &Arc<dyn Store>) {
     assert_eq!(store.campaign_stats(&cid("red-b")).await.unwrap().redeemed, 1);
 }
 
-/// The outbox: every issued coupon once, oldest first, at most `max` per take; an entry taken
-/// and not acknowledged comes back after `redeliver_after_ms`; acknowledged ones never do.
-pub async fn outbox(store: &Arc<dyn Store>) {
-    // Drain what earlier sections queued.
+/// Finishes every entry in the outbox (what earlier sections queued), so a section starts clean.
+async fn drain_outbox(store: &Arc<dyn Store>) {
     loop {
-        let entries = store.outbox_take(1000, 0, 0).await.unwrap();
+        let entries = store.outbox_take("drain", 1000, i64::MAX / 2, 0).await.unwrap();
         if entries.is_empty() {
             break;
         }
-        store.outbox_ack(&entries.iter().map(|e| e.seq).collect::<Vec<_>>()).await.unwrap();
+        for entry in &entries {
+            store.outbox_finish(entry, PushFinal::Dropped, 0).await.unwrap();
+        }
     }
-    let coupons: Vec<IssuedCoupon> = (0..3).map(|i| coupon("ob-a", "ob-u", T + i)).collect();
+}
+
+fn device_token(token: &str, platform: Platform) -> Device {
+    Device { platform, token: token.into(), tags: Vec::new(), locale: None }
+}
+
+/// The outbox: one entry per (issued coupon, device of the user at issue time), oldest first, at
+/// most `max` per take; a taken entry is leased (not handed out again before the lease runs out,
+/// then handed out to anyone: at least once); finished entries never come back; retries are due
+/// at their time; no device, no entry; refused candidates queue nothing.
+pub async fn outbox(store: &Arc<dyn Store>) {
+    drain_outbox(store).await;
+    let user = uid("ob-u");
+    let (d1, d2) = (DeviceId::parse("d", "ob-d1").unwrap(), DeviceId::parse("d", "ob-d2").unwrap());
+    assert_eq!(issue_one(store, candidate("ob-a", "ob-u", T - 1, Caps::default())).await, IssueOutcome::Issued);
+    assert_eq!(store.outbox_len().await.unwrap(), 0, "a user without devices gets no push");
+    store.put_device(&user, &d1, device_token("tok-1", Platform::Fcm)).await.unwrap();
+    store.put_device(&user, &d2, device_token("tok-2", Platform::Apns)).await.unwrap();
+
+    let coupons: Vec<IssuedCoupon> = (0..2).map(|i| coupon("ob-a", "ob-u", T + i)).collect();
     for c in &coupons {
-        assert_eq!(
-            issue_one(store, candidate("ob-a", "ob-u", c.issued_at_ms, Caps::default())).await,
-            IssueOutcome::Issued
-        );
+        let outcome = issue_one(store, candidate("ob-a", "ob-u", c.issued_at_ms, Caps::default())).await;
+        assert_eq!(outcome, IssueOutcome::Issued);
     }
-    // Refused candidates queue nothing.
     assert_eq!(issue_one(store, candidate("ob-a", "ob-u", T, Caps::default())).await, IssueOutcome::Duplicate);
+    assert_eq!(store.outbox_len().await.unwrap(), 4, "two coupons × two devices");
 
-    let first = store.outbox_take(2, 1_000, 5_000).await.unwrap();
-    assert_eq!(first.iter().map(|e| &e.coupon).collect::<Vec<_>>(), [&coupons[0], &coupons[1]]);
-    assert!(first[0].seq < first[1].seq);
-    let second = store.outbox_take(10, 1_000, 5_000).await.unwrap();
-    assert_eq!(second.iter().map(|e| &e.coupon).collect::<Vec<_>>(), [&coupons[2]]);
-    assert!(second[0].seq > first[1].seq);
-    assert!(store.outbox_take(10, 5_999, 5_000).await.unwrap().is_empty(), "not before redeliver_after_ms");
+    let first = store.outbox_take("c1", 3, 1_000, 5_000).await.unwrap();
+    assert_eq!(first.len(), 3);
+    let pushed: Vec<(&IssuedCoupon, &str)> = first.iter().map(|e| (&e.coupon, e.device.token.as_str())).collect();
+    assert_eq!(&pushed[..2], [(&coupons[0], "tok-1"), (&coupons[0], "tok-2")], "oldest first, every device");
+    assert!(first.iter().all(|e| e.attempts == 0));
+    let rest = store.outbox_take("c2", 10, 1_000, 5_000).await.unwrap();
+    assert_eq!(rest.len(), 1, "leased entries are not handed to another consumer");
+    assert!(store.outbox_take("c2", 10, 5_999, 5_000).await.unwrap().is_empty(), "not before the lease ends");
 
-    store.outbox_ack(&[first[0].seq]).await.unwrap();
-    let again = store.outbox_take(10, 6_000, 5_000).await.unwrap();
-    assert_eq!(again.iter().map(|e| e.seq).collect::<Vec<_>>(), [first[1].seq, second[0].seq], "at least once");
-    store.outbox_ack(&[first[1].seq, second[0].seq, u64::MAX]).await.unwrap();
-    assert!(store.outbox_take(10, i64::MAX, 0).await.unwrap().is_empty());
+    store.outbox_finish(&first[0], PushFinal::Delivered, 2_000).await.unwrap();
+    let again = store.outbox_take("c2", 10, 6_001, 5_000).await.unwrap();
+    assert_eq!(again.len(), 3, "a lapsed lease hands entries out again (at least once)");
+    assert!(!again.iter().any(|e| e.id == first[0].id), "a finished entry never comes back");
 
-    assert_eq!(issue_one(store, candidate("ob-a", "ob-u", T + 10, Caps::default())).await, IssueOutcome::Issued);
-    let later = store.outbox_take(10, 7_000, 5_000).await.unwrap();
-    assert_eq!(later.len(), 1);
-    assert!(later[0].seq > second[0].seq, "sequence numbers only grow");
-    store.outbox_ack(&[later[0].seq]).await.unwrap();
+    // A retry is due at its time, with its attempts.
+    let retried = &again[0];
+    store.outbox_retry(retried, 1, 20_000).await.unwrap();
+    for e in &again[1..] {
+        store.outbox_finish(e, PushFinal::Delivered, 7_000).await.unwrap();
+    }
+    assert!(store.outbox_take("c3", 10, 19_999, 5_000).await.unwrap().is_empty());
+    let due = store.outbox_take("c3", 10, 20_000, 5_000).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!((due[0].id.as_str(), due[0].attempts), (retried.id.as_str(), 1));
+    let stats = store.campaign_stats(&cid("ob-a")).await.unwrap().pushes;
+    assert_eq!((stats.delivered, stats.retrying), (3, 1));
+
+    store.outbox_finish(&due[0], PushFinal::Delivered, 21_000).await.unwrap();
+    store.outbox_finish(&due[0], PushFinal::Delivered, 21_000).await.unwrap();
+    let stats = store.campaign_stats(&cid("ob-a")).await.unwrap().pushes;
+    assert_eq!((stats.delivered, stats.retrying), (4, 0), "finishing twice counts once");
+    assert_eq!(store.outbox_len().await.unwrap(), 0);
+    assert!(store.outbox_take("c3", 10, i64::MAX / 2, 0).await.unwrap().is_empty());
+}
+
+/// Final outcomes: a dead token removes the device (only while it still has that token), a
+/// failure goes to the dead letters with its reason, each counted in the campaign's push stats.
+pub async fn push_outcomes(store: &Arc<dyn Store>) {
+    drain_outbox(store).await;
+    let user = uid("po-u");
+    let (d1, d2) = (DeviceId::parse("d", "po-d1").unwrap(), DeviceId::parse("d", "po-d2").unwrap());
+    store.put_device(&user, &d1, device_token("dead", Platform::Fcm)).await.unwrap();
+    store.put_device(&user, &d2, device_token("bad", Platform::Apns)).await.unwrap();
+    assert_eq!(issue_one(store, candidate("po-a", "po-u", T, Caps::default())).await, IssueOutcome::Issued);
+    let entries = store.outbox_take("c", 10, 0, 1_000).await.unwrap();
+    assert_eq!(entries.len(), 2);
+    let dead = entries.iter().find(|e| e.device.token == "dead").unwrap();
+    let bad = entries.iter().find(|e| e.device.token == "bad").unwrap();
+
+    store.outbox_finish(dead, PushFinal::DeadToken, 10).await.unwrap();
+    let reason = "400 InvalidTopic".to_string();
+    store.outbox_finish(bad, PushFinal::Failed { reason: reason.clone() }, 11).await.unwrap();
+    assert_eq!(store.devices(&user).await.unwrap().len(), 1, "the dead token's device is gone");
+    let letters = store.dead_letters(10).await.unwrap();
+    assert_eq!(letters[0].reason, reason);
+    assert_eq!(letters[0].entry.coupon.coupon_id, bad.coupon.coupon_id);
+    let stats = store.campaign_stats(&cid("po-a")).await.unwrap().pushes;
+    assert_eq!((stats.delivered, stats.failed, stats.dead_token, stats.retrying), (0, 1, 1, 0));
+
+    // A device registered again with a new token is not removed by the old token's death.
+    store.put_device(&user, &d1, device_token("fresh", Platform::Fcm)).await.unwrap();
+    assert_eq!(issue_one(store, candidate("po-a", "po-u", T + 1, Caps::default())).await, IssueOutcome::Issued);
+    let stale = OutboxEntry {
+        device: device_token("dead", Platform::Fcm),
+        ..store.outbox_take("c", 1, 0, 1).await.unwrap().remove(0)
+    };
+    store.outbox_finish(&stale, PushFinal::DeadToken, 12).await.unwrap();
+    assert_eq!(store.devices(&user).await.unwrap().len(), 2, "the new token stays");
+    drain_outbox(store).await;
+}
+
+fn commit_of(user: &str, expected_version: u64, state: Option<&[u8]>, new_version: u64) -> UserCommit {
+    UserCommit {
+        user_id: uid(user),
+        expected_version,
+        new_state: state.map(<[u8]>::to_vec),
+        new_version,
+        keep_for_ms: HOUR,
+        issues: Vec::new(),
+    }
+}
+
+/// Trigger states: stored at the version a commit gives; a commit naming another version is
+/// refused whole (nothing of it applied) with the current state; a check-only commit leaves the
+/// state; users of one commit are independent.
+pub async fn user_states(store: &Arc<dyn Store>) {
+    let (a, b) = (uid("us-a"), uid("us-b"));
+    assert_eq!(store.load_user_states(&[a.clone(), b.clone()]).await.unwrap(), [None, None]);
+
+    let results =
+        store.commit(vec![commit_of("us-a", 0, Some(b"one"), 11), commit_of("us-b", 0, None, 0)]).await.unwrap();
+    assert_eq!(results[0], UserCommitResult::Committed { version: 11, outcomes: vec![] });
+    assert_eq!(results[1], UserCommitResult::Committed { version: 0, outcomes: vec![] });
+    let record = |version: u64, bytes: &[u8]| Some(UserStateRecord { version, bytes: bytes.to_vec() });
+    assert_eq!(store.load_user_states(&[a.clone(), b.clone()]).await.unwrap(), [record(11, b"one"), None]);
+
+    // A stale version is refused with the current state, and issues nothing.
+    let mut stale = commit_of("us-a", 0, Some(b"two"), 12);
+    stale.issues.push(IssueRequest {
+        user_id: a.clone(),
+        ts_ms: T,
+        seq: 0,
+        daily_cap: 0,
+        candidates: vec![candidate("us-c", "us-a", T, Caps::default())],
+    });
+    let fresh = commit_of("us-b", 0, Some(b"b1"), 21);
+    let results = store.commit(vec![stale.clone(), fresh]).await.unwrap();
+    assert_eq!(results[0], UserCommitResult::Conflict { current: record(11, b"one") });
+    assert!(matches!(results[1], UserCommitResult::Committed { version: 21, .. }), "other users are unaffected");
+    assert!(store.wallet(&a).await.unwrap().is_empty(), "a refused step issues nothing");
+
+    // Retried at the right version, it applies whole.
+    stale.expected_version = 11;
+    let results = store.commit(vec![stale]).await.unwrap();
+    assert_eq!(results[0], UserCommitResult::Committed { version: 12, outcomes: vec![vec![IssueOutcome::Issued]] });
+    assert_eq!(store.load_user_states(std::slice::from_ref(&a)).await.unwrap(), [record(12, b"two")]);
+    assert_eq!(store.wallet(&a).await.unwrap().len(), 1);
+    let check_only = store.commit(vec![commit_of("us-a", 12, None, 99)]).await.unwrap();
+    assert_eq!(check_only[0], UserCommitResult::Committed { version: 12, outcomes: vec![] });
+}
+
+/// Within one commit, issue requests of different users are decided in ascending `ts_ms`: the
+/// earliest ping wins a campaign's last coupon, whatever the order of the users.
+pub async fn commit_decides_in_event_time(store: &Arc<dyn Store>) {
+    let request = |user: &str, ts: i64| IssueRequest {
+        user_id: uid(user),
+        ts_ms: ts,
+        seq: 0,
+        daily_cap: 0,
+        candidates: vec![candidate("et-a", user, ts, caps(0, 0, 1))],
+    };
+    let mut late = commit_of("et-late", 0, None, 0);
+    late.issues.push(request("et-late", T + 5));
+    let mut early = commit_of("et-early", 0, None, 0);
+    early.issues.push(request("et-early", T + 1));
+    let results = store.commit(vec![late, early]).await.unwrap();
+    let outcome = |r: &UserCommitResult| match r {
+        UserCommitResult::Committed { outcomes, .. } => outcomes[0][0],
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!((outcome(&results[0]), outcome(&results[1])), (IssueOutcome::TotalMax, IssueOutcome::Issued));
+}
+
+/// The campaign change feed: every write gets a store revision greater than any before; the
+/// feed lists the changes after a revision, in order, deletes included.
+pub async fn campaign_feed(store: &Arc<dyn Store>) {
+    let start = store.campaign_changes(0).await.unwrap().revision;
+    let created = store.insert_campaign(campaign("feed-a", "v1")).await.unwrap();
+    assert!(created.revision > start);
+    let replaced = store.replace_campaign(campaign("feed-a", "v2")).await.unwrap();
+    assert!(replaced.revision > created.revision);
+    let deleted = store.delete_campaign(&cid("feed-a")).await.unwrap();
+    assert!(deleted > replaced.revision);
+    let (revision, _) = store.all_campaigns().await.unwrap();
+    assert_eq!(revision, deleted);
+
+    let feed = store.campaign_changes(created.revision - 1).await.unwrap();
+    assert_eq!(feed.revision, deleted);
+    let changes = feed.changes.expect("a complete feed");
+    let seen: Vec<String> = changes
+        .iter()
+        .map(|c| match c {
+            CampaignChange::Upsert(c) => format!("upsert {} {}", c.id, c.name.as_deref().unwrap_or("")),
+            CampaignChange::Delete { id, .. } => format!("delete {id}"),
+        })
+        .collect();
+    assert_eq!(seen, ["upsert feed-a v1", "upsert feed-a v2", "delete feed-a"]);
+    let none = store.campaign_changes(deleted).await.unwrap();
+    assert_eq!((none.revision, none.changes.map(|c| c.len())), (deleted, Some(0)));
+}
+
+/// Erasure: devices, wallet, coupon records, trigger state, per-user counters and pending pushes
+/// of the user are gone; campaign totals keep counting the coupons; other users are untouched.
+pub async fn erase_user(store: &Arc<dyn Store>) {
+    drain_outbox(store).await;
+    let (gone, kept) = (uid("er-gone"), uid("er-kept"));
+    for user in [&gone, &kept] {
+        store.put_device(user, &DeviceId::parse("d", "d").unwrap(), device_token("t", Platform::Fcm)).await.unwrap();
+        store.commit(vec![commit_of(user.as_str(), 0, Some(b"state"), 5)]).await.unwrap();
+        let c = candidate("er-a", user.as_str(), T, caps(0, 1, 3));
+        assert_eq!(issue_one(store, c).await, IssueOutcome::Issued);
+    }
+    let coupon_id = coupon("er-a", "er-gone", T).coupon_id;
+    store.erase_user(&gone).await.unwrap();
+    store.erase_user(&uid("er-never-seen")).await.unwrap();
+
+    assert!(store.devices(&gone).await.unwrap().is_empty());
+    assert!(store.wallet(&gone).await.unwrap().is_empty());
+    assert!(store.coupon(&coupon_id).await.unwrap().is_none());
+    assert_eq!(store.load_user_states(std::slice::from_ref(&gone)).await.unwrap(), [None]);
+    let pending = store.outbox_take("c", 100, 0, 1).await.unwrap();
+    assert!(pending.iter().all(|e| e.coupon.user_id != gone), "pending pushes are gone");
+    assert_eq!(pending.iter().filter(|e| e.coupon.user_id == kept).count(), 1);
+    assert_eq!(store.campaign_stats(&cid("er-a")).await.unwrap().issued, 2, "totals keep counting");
+    // The erased coupons no longer count toward per_user_max; they still count toward total_max.
+    let again = candidate("er-a", "er-gone", T + HOUR, caps(0, 1, 3));
+    assert_eq!(issue_one(store, again).await, IssueOutcome::Issued);
+    let third = candidate("er-a", "er-third", T, caps(0, 1, 3));
+    assert_eq!(issue_one(store, third).await, IssueOutcome::TotalMax);
+
+    assert_eq!(store.devices(&kept).await.unwrap().len(), 1);
+    assert_eq!(store.wallet(&kept).await.unwrap().len(), 1);
+    assert!(store.load_user_states(std::slice::from_ref(&kept)).await.unwrap()[0].is_some());
+    drain_outbox(store).await;
 }
 
 /// Runs the requests as concurrent tasks; returns every outcome.
@@ -455,7 +688,7 @@ async fn concurrently(store: &Arc<dyn Store>, requests: Vec<IssueRequest>) -> Ve
         .into_iter()
         .map(|request| {
             let store = store.clone();
-            tokio::spawn(async move { store.issue(request).await.expect("issue") })
+            tokio::spawn(async move { issue(&store, request).await })
         })
         .collect();
     let mut outcomes = Vec::new();
@@ -469,6 +702,7 @@ fn single(candidate: IssueCandidate, daily_cap: u32) -> IssueRequest {
     IssueRequest {
         user_id: candidate.coupon.user_id.clone(),
         ts_ms: candidate.coupon.issued_at_ms,
+        seq: 0,
         daily_cap,
         candidates: vec![candidate],
     }

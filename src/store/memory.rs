@@ -1,30 +1,26 @@
-//! The in-memory store: the embedded default for a single node.
+//! The in-memory store (`--ephemeral`, tests, `kabao demo`): everything in this process's memory,
+//! gone when it exits.
 //!
-//! All state sits behind one mutex, so every trait method — above all [`Store::issue`] — is one
-//! atomic step; nothing in it awaits while holding the lock. It is the system of record of a
-//! one-node deployment, so it keeps what it is given: memory grows with campaigns, devices and
-//! coupons issued (a wallet is forever), plus pushes not yet acknowledged. Nothing transient
-//! accumulates: acknowledged pushes are dropped, and the counters of a deleted campaign go with
-//! it.
+//! All state sits behind one mutex, so every trait method — above all [`IssueStore::commit`] — is
+//! one atomic step; nothing in it awaits while holding the lock. Memory grows with campaigns,
+//! devices and coupons issued (a wallet is forever), plus pushes not yet finished; trigger states
+//! are dropped once their `keep_for_ms` has passed.
 //!
-//! Choices where API.md is silent:
+//! Choices where API.md is silent (every store makes the same ones; the contract suite checks):
 //! - A deleted campaign's id may be reused, and the reuse is a new campaign: its counters
 //!   (`issued`, `redeemed`, per-user counts and cooldowns) start from zero. Coupons already issued
 //!   stay in wallets and in the "already issued" set, so a coupon id can never be issued twice;
 //!   redeeming a coupon of the earlier campaign does not count for the new one.
-//! - The cooldown keeps coupons of a campaign to a user at least `per_user_cooldown_s` apart in
-//!   event time on both sides: with pings arriving out of order across requests, a coupon whose
-//!   `issued_at_ms` is *after* the ping's `ts_ms` blocks it as well (otherwise the later coupon
-//!   would end up inside the cooldown of the earlier one).
+//! - The cooldown is two-sided in event time (see [`rules::refusal`]).
 //! - The daily cap counts exactly the window `(ts − 24 h, ts]` of API.md, whatever order the
 //!   coupons in it were issued in.
 //! - A coupon is expired from `expires_at_ms` on (`now_ms ≥ expires_at_ms`). Redemption checks
 //!   unknown, then already redeemed, then expired, then the merchant.
-//! - `issue` does not require the campaign to be in the store: a candidate matched just before a
+//! - A commit does not require the campaign to be in the store: a candidate matched just before a
 //!   delete is still decided by the caps it carries.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -32,14 +28,18 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
 
+use super::rules::{self, IssueView};
 use super::{
-    CampaignStats, CouponRecord, Device, IssueCandidate, IssueOutcome, IssueRequest, IssuedCoupon, OutboxEntry,
-    RedeemError, Store, StoreError,
+    CampaignChange, CampaignChanges, CampaignStats, CampaignStore, CouponRecord, DeadLetter, Device, DeviceStore,
+    IssueOutcome, IssueStore, IssuedCoupon, OutboxEntry, OutboxStore, PushFinal, RedeemError, Store, StoreError,
+    UserCommit, UserCommitResult, UserStateRecord,
 };
 use crate::domain::{Campaign, CampaignId, CouponId, DeviceId, UserId};
 
-/// The daily cap's window, ms.
-const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+/// Campaign changes kept for the change feed; a follower further behind reloads everything.
+const CHANGES_KEPT: usize = 4096;
+/// Dead letters kept (the oldest are dropped first).
+const DEAD_LETTERS_KEPT: usize = 10_000;
 
 /// The in-memory [`Store`].
 #[derive(Debug, Default)]
@@ -58,21 +58,31 @@ impl MemoryStore {
 struct State {
     /// By id, so pages come out in id order.
     campaigns: BTreeMap<CampaignId, Arc<Campaign>>,
+    /// The store's campaign revision: bumped by every campaign write.
+    revision: u64,
+    /// The newest campaign changes, oldest first, for the change feed.
+    changes: VecDeque<CampaignChange>,
     /// Issue counters of each campaign (incarnation), created on insert or on first issue.
     counters: FxHashMap<CampaignId, Counters>,
     /// Last incarnation number handed out (see [`Counters::incarnation`]).
     last_incarnation: u64,
     /// Devices by user, then by device id (so lists are in id order).
     devices: FxHashMap<UserId, BTreeMap<DeviceId, Device>>,
+    /// Users' trigger states and when (server time) they may be forgotten.
+    user_states: FxHashMap<UserId, (UserStateRecord, i64)>,
+    /// Server time of the last sweep of forgettable trigger states.
+    last_sweep_ms: i64,
     /// Every coupon ever issued: the wallet records and the "already issued" set in one.
     coupons: FxHashMap<CouponId, StoredCoupon>,
     /// Each user's coupons, newest first, ties by coupon id: the wallet's order, and an index by
     /// time for the daily cap.
     wallets: FxHashMap<UserId, BTreeSet<(Reverse<i64>, CouponId)>>,
-    /// Pushes not yet acknowledged, by sequence number.
+    /// Pushes not yet finished, by sequence number.
     outbox: BTreeMap<u64, OutboxSlot>,
     /// Last outbox sequence number handed out.
     last_seq: u64,
+    /// Pushes given up, oldest first.
+    dead_letters: VecDeque<DeadLetter>,
 }
 
 /// Counters of one campaign incarnation.
@@ -81,8 +91,7 @@ struct Counters {
     /// Distinguishes a reused campaign id from the deleted campaign that had it, so that
     /// redeeming an old coupon does not count for the new campaign.
     incarnation: u64,
-    issued: u64,
-    redeemed: u64,
+    stats: CampaignStats,
     /// `issued_at_ms` of each coupon to each user, ascending: the per-user maximum is its
     /// length, the cooldown looks at the neighbours of a new time.
     per_user: FxHashMap<UserId, Vec<i64>>,
@@ -90,7 +99,7 @@ struct Counters {
 
 impl Counters {
     fn new(incarnation: u64) -> Self {
-        Self { incarnation, issued: 0, redeemed: 0, per_user: FxHashMap::default() }
+        Self { incarnation, stats: CampaignStats::default(), per_user: FxHashMap::default() }
     }
 }
 
@@ -103,9 +112,44 @@ struct StoredCoupon {
 
 #[derive(Debug)]
 struct OutboxSlot {
-    coupon: IssuedCoupon,
-    /// Server time it was last handed out; `None` = never.
-    handed_out_at_ms: Option<i64>,
+    entry: OutboxEntry,
+    /// Server time from which the entry may be handed out (again).
+    due_at_ms: i64,
+    /// The entry failed at least once and is counted in `pushes.retrying`.
+    retrying: bool,
+}
+
+/// Server clock, ms since the epoch (for forgetting trigger states; never for the rules).
+fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl IssueView for State {
+    fn coupon_exists(&self, id: &CouponId) -> Result<bool, StoreError> {
+        Ok(self.coupons.contains_key(id))
+    }
+
+    fn has_any_tag(&self, user: &UserId, tags_any: &[String]) -> Result<bool, StoreError> {
+        Ok(self
+            .devices
+            .get(user)
+            .is_some_and(|devices| devices.values().any(|d| d.tags.iter().any(|t| tags_any.contains(t)))))
+    }
+
+    fn issue_times(&self, campaign: &CampaignId, user: &UserId) -> Result<Vec<i64>, StoreError> {
+        Ok(self.counters.get(campaign).and_then(|c| c.per_user.get(user)).cloned().unwrap_or_default())
+    }
+
+    fn campaign_issued(&self, campaign: &CampaignId) -> Result<u64, StoreError> {
+        Ok(self.counters.get(campaign).map_or(0, |c| c.stats.issued))
+    }
+
+    fn coupons_between(&self, user: &UserId, from_ms: i64, to_ms: i64, limit: usize) -> Result<usize, StoreError> {
+        let Some(wallet) = self.wallets.get(user) else { return Ok(0) };
+        // Newest first: from `to` (inclusive) down to `from` (exclusive).
+        let start = (Reverse(to_ms), CouponId::from_string(""));
+        Ok(wallet.range(start..).take_while(|(Reverse(issued_at), _)| *issued_at > from_ms).take(limit).count())
+    }
 }
 
 impl State {
@@ -114,74 +158,26 @@ impl State {
         Counters::new(self.last_incarnation)
     }
 
-    /// Does the union of the user's device tags meet `tags_any` (empty = everyone)?
-    fn audience_matches(&self, user: &UserId, tags_any: &[String]) -> bool {
-        if tags_any.is_empty() {
-            return true;
-        }
-        self.devices
-            .get(user)
-            .is_some_and(|devices| devices.values().any(|d| d.tags.iter().any(|t| tags_any.contains(t))))
+    fn next_revision(&mut self) -> u64 {
+        self.revision += 1;
+        self.revision
     }
 
-    /// How many coupons `user` holds with `issued_at_ms` in `(ts − 24 h, ts]`, counting no
-    /// further than `limit`.
-    fn coupons_in_day_before(&self, user: &UserId, ts_ms: i64, limit: usize) -> usize {
-        let Some(wallet) = self.wallets.get(user) else { return 0 };
-        // Newest first: from `ts` (inclusive) down to `ts − 24 h` (exclusive).
-        let from = (Reverse(ts_ms), CouponId::from_string(""));
-        wallet
-            .range(from..)
-            .take_while(|(Reverse(issued_at), _)| *issued_at > ts_ms.saturating_sub(DAY_MS))
-            .take(limit)
-            .count()
+    fn log_change(&mut self, change: CampaignChange) {
+        if self.changes.len() == CHANGES_KEPT {
+            self.changes.pop_front();
+        }
+        self.changes.push_back(change);
     }
 
-    /// Rule 4's store half for one candidate; `None` = may issue.
-    fn refusal(&self, request: &IssueRequest, candidate: &IssueCandidate) -> Option<IssueOutcome> {
-        let coupon = &candidate.coupon;
-        if self.coupons.contains_key(&coupon.coupon_id) {
-            return Some(IssueOutcome::Duplicate);
-        }
-        if !self.audience_matches(&request.user_id, &candidate.audience_tags) {
-            return Some(IssueOutcome::Audience);
-        }
-        let caps = candidate.caps;
-        let counters = self.counters.get(&coupon.campaign_id);
-        let times: &[i64] = counters.and_then(|c| c.per_user.get(&request.user_id)).map_or(&[], Vec::as_slice);
-        if caps.per_user_cooldown_s > 0 {
-            let cooldown_ms = caps.per_user_cooldown_s.saturating_mul(1000);
-            let later = times.partition_point(|&t| t < request.ts_ms);
-            let too_close = |t: i64| request.ts_ms.abs_diff(t) < cooldown_ms.unsigned_abs();
-            let earlier_close = later.checked_sub(1).is_some_and(|i| too_close(times[i]));
-            let later_close = times.get(later).is_some_and(|&t| too_close(t));
-            if earlier_close || later_close {
-                return Some(IssueOutcome::Cooldown);
-            }
-        }
-        if caps.per_user_max > 0 && times.len() as u64 >= caps.per_user_max.unsigned_abs() {
-            return Some(IssueOutcome::PerUserMax);
-        }
-        if caps.total_max > 0 && counters.map_or(0, |c| c.issued) >= caps.total_max.unsigned_abs() {
-            return Some(IssueOutcome::TotalMax);
-        }
-        if request.daily_cap > 0 {
-            let cap = request.daily_cap as usize;
-            if self.coupons_in_day_before(&request.user_id, request.ts_ms, cap) >= cap {
-                return Some(IssueOutcome::DailyCap);
-            }
-        }
-        None
-    }
-
-    /// Records an allowed coupon: wallet, counters, the coupon record and its push.
+    /// Records an allowed coupon: wallet, counters, the coupon record and a push per device.
     fn record(&mut self, coupon: &IssuedCoupon) {
         let last_incarnation = &mut self.last_incarnation;
         let counters = self.counters.entry(coupon.campaign_id.clone()).or_insert_with(|| {
             *last_incarnation += 1;
             Counters::new(*last_incarnation)
         });
-        counters.issued += 1;
+        counters.stats.issued += 1;
         let times = counters.per_user.entry(coupon.user_id.clone()).or_default();
         let at = times.partition_point(|&t| t <= coupon.issued_at_ms);
         times.insert(at, coupon.issued_at_ms);
@@ -195,45 +191,74 @@ impl State {
             coupon.coupon_id.clone(),
             StoredCoupon { record: CouponRecord { coupon: coupon.clone(), redeemed_at_ms: None }, incarnation },
         );
-        self.last_seq += 1;
-        self.outbox.insert(self.last_seq, OutboxSlot { coupon: coupon.clone(), handed_out_at_ms: None });
+        let devices: Vec<(DeviceId, Device)> = self
+            .devices
+            .get(&coupon.user_id)
+            .map(|d| d.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        for (device_id, device) in devices {
+            self.last_seq += 1;
+            let entry =
+                OutboxEntry { id: self.last_seq.to_string(), coupon: coupon.clone(), device_id, device, attempts: 0 };
+            self.outbox.insert(self.last_seq, OutboxSlot { entry, due_at_ms: i64::MIN, retrying: false });
+        }
+    }
+
+    /// Forgets trigger states past their `keep_for_ms`, at most once a minute.
+    fn sweep_user_states(&mut self, now_ms: i64) {
+        if now_ms.saturating_sub(self.last_sweep_ms) < 60_000 {
+            return;
+        }
+        self.last_sweep_ms = now_ms;
+        self.user_states.retain(|_, (_, forget_at_ms)| *forget_at_ms > now_ms);
+    }
+
+    fn push_stats(&mut self, campaign: &CampaignId) -> Option<&mut super::PushStats> {
+        self.counters.get_mut(campaign).map(|c| &mut c.stats.pushes)
     }
 }
 
-#[async_trait]
-impl Store for MemoryStore {
-    async fn health(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
+/// The outbox slot of an entry handed out earlier (its id is the sequence number).
+fn seq_of(entry: &OutboxEntry) -> Option<u64> {
+    entry.id.parse().ok()
+}
 
-    async fn insert_campaign(&self, campaign: Arc<Campaign>) -> Result<(), StoreError> {
+#[async_trait]
+impl CampaignStore for MemoryStore {
+    async fn insert_campaign(&self, mut campaign: Campaign) -> Result<Arc<Campaign>, StoreError> {
         let mut state = self.state.lock();
         if state.campaigns.contains_key(&campaign.id) {
             return Err(StoreError::Conflict);
         }
+        campaign.revision = state.next_revision();
+        let campaign = Arc::new(campaign);
         // A new campaign, even under a reused id: counters start afresh.
         let counters = state.new_counters();
         state.counters.insert(campaign.id.clone(), counters);
-        state.campaigns.insert(campaign.id.clone(), campaign);
-        Ok(())
+        state.campaigns.insert(campaign.id.clone(), campaign.clone());
+        state.log_change(CampaignChange::Upsert(campaign.clone()));
+        Ok(campaign)
     }
 
-    async fn replace_campaign(&self, campaign: Arc<Campaign>) -> Result<(), StoreError> {
+    async fn replace_campaign(&self, mut campaign: Campaign) -> Result<Arc<Campaign>, StoreError> {
         let mut state = self.state.lock();
-        match state.campaigns.get_mut(&campaign.id) {
-            Some(slot) => {
-                *slot = campaign;
-                Ok(())
-            }
-            None => Err(StoreError::NotFound),
+        if !state.campaigns.contains_key(&campaign.id) {
+            return Err(StoreError::NotFound);
         }
+        campaign.revision = state.next_revision();
+        let campaign = Arc::new(campaign);
+        state.campaigns.insert(campaign.id.clone(), campaign.clone());
+        state.log_change(CampaignChange::Upsert(campaign.clone()));
+        Ok(campaign)
     }
 
-    async fn delete_campaign(&self, id: &CampaignId) -> Result<(), StoreError> {
+    async fn delete_campaign(&self, id: &CampaignId) -> Result<u64, StoreError> {
         let mut state = self.state.lock();
         state.campaigns.remove(id).ok_or(StoreError::NotFound)?;
         state.counters.remove(id);
-        Ok(())
+        let revision = state.next_revision();
+        state.log_change(CampaignChange::Delete { id: id.clone(), revision });
+        Ok(revision)
     }
 
     async fn campaign(&self, id: &CampaignId) -> Result<Option<Arc<Campaign>>, StoreError> {
@@ -246,18 +271,36 @@ impl Store for MemoryStore {
         Ok(state.campaigns.range::<str, _>((from, Bound::Unbounded)).take(limit).map(|(_, c)| c.clone()).collect())
     }
 
-    async fn all_campaigns(&self) -> Result<Vec<Arc<Campaign>>, StoreError> {
-        Ok(self.state.lock().campaigns.values().cloned().collect())
+    async fn all_campaigns(&self) -> Result<(u64, Vec<Arc<Campaign>>), StoreError> {
+        let state = self.state.lock();
+        Ok((state.revision, state.campaigns.values().cloned().collect()))
+    }
+
+    async fn campaign_changes(&self, since: u64) -> Result<CampaignChanges, StoreError> {
+        let state = self.state.lock();
+        let revision = state.revision;
+        let oldest_kept = state.changes.front().map_or(revision + 1, change_revision);
+        // Complete only if nothing after `since` was dropped from the log.
+        let changes = (since >= revision || oldest_kept <= since + 1)
+            .then(|| state.changes.iter().filter(|c| change_revision(c) > since).cloned().collect());
+        Ok(CampaignChanges { revision, changes })
     }
 
     async fn campaign_stats(&self, id: &CampaignId) -> Result<CampaignStats, StoreError> {
-        let state = self.state.lock();
-        Ok(state
-            .counters
-            .get(id)
-            .map_or_else(CampaignStats::default, |c| CampaignStats { issued: c.issued, redeemed: c.redeemed }))
+        Ok(self.state.lock().counters.get(id).map_or_else(CampaignStats::default, |c| c.stats))
     }
+}
 
+/// The store revision a change was made at.
+pub(crate) fn change_revision(change: &CampaignChange) -> u64 {
+    match change {
+        CampaignChange::Upsert(campaign) => campaign.revision,
+        CampaignChange::Delete { revision, .. } => *revision,
+    }
+}
+
+#[async_trait]
+impl DeviceStore for MemoryStore {
     async fn put_device(&self, user: &UserId, device: &DeviceId, value: Device) -> Result<(), StoreError> {
         self.state.lock().devices.entry(user.clone()).or_default().insert(device.clone(), value);
         Ok(())
@@ -278,20 +321,78 @@ impl Store for MemoryStore {
         Ok(state.devices.get(user).map_or_else(Vec::new, |d| d.iter().map(|(k, v)| (k.clone(), v.clone())).collect()))
     }
 
-    async fn issue(&self, request: IssueRequest) -> Result<Vec<IssueOutcome>, StoreError> {
+    async fn erase_user(&self, user: &UserId) -> Result<(), StoreError> {
         let mut state = self.state.lock();
-        let mut outcomes = Vec::with_capacity(request.candidates.len());
-        for candidate in &request.candidates {
-            let outcome = match state.refusal(&request, candidate) {
-                Some(refusal) => refusal,
-                None => {
-                    state.record(&candidate.coupon);
-                    IssueOutcome::Issued
-                }
-            };
-            outcomes.push(outcome);
+        state.devices.remove(user);
+        state.user_states.remove(user);
+        if let Some(wallet) = state.wallets.remove(user) {
+            for (_, coupon_id) in wallet {
+                state.coupons.remove(&coupon_id);
+            }
         }
-        Ok(outcomes)
+        // The user's coupons stop counting toward `per_user_max` (and the cooldown); `issued`
+        // keeps counting them (`total_max` is money already spent).
+        for counters in state.counters.values_mut() {
+            counters.per_user.remove(user);
+        }
+        state.outbox.retain(|_, slot| &slot.entry.coupon.user_id != user);
+        state.dead_letters.retain(|letter| &letter.entry.coupon.user_id != user);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl IssueStore for MemoryStore {
+    async fn load_user_states(&self, users: &[UserId]) -> Result<Vec<Option<UserStateRecord>>, StoreError> {
+        let state = self.state.lock();
+        Ok(users.iter().map(|u| state.user_states.get(u).map(|(record, _)| record.clone())).collect())
+    }
+
+    async fn commit(&self, commits: Vec<UserCommit>) -> Result<Vec<UserCommitResult>, StoreError> {
+        let now_ms = wall_clock_ms();
+        let mut state = self.state.lock();
+        state.sweep_user_states(now_ms);
+        let current_version =
+            |state: &State, user: &UserId| state.user_states.get(user).map_or(0, |(record, _)| record.version);
+        let accepted: Vec<bool> =
+            commits.iter().map(|c| current_version(&state, &c.user_id) == c.expected_version).collect();
+
+        let mut outcomes: Vec<Vec<Vec<IssueOutcome>>> =
+            commits.iter().map(|c| c.issues.iter().map(|r| Vec::with_capacity(r.candidates.len())).collect()).collect();
+        for (i, j) in rules::decide_in_order(&commits, &accepted) {
+            let request = &commits[i].issues[j];
+            for candidate in &request.candidates {
+                let outcome = match rules::refusal(&*state, request, candidate)? {
+                    Some(refusal) => refusal,
+                    None => {
+                        state.record(&candidate.coupon);
+                        IssueOutcome::Issued
+                    }
+                };
+                outcomes[i][j].push(outcome);
+            }
+        }
+
+        let mut results = Vec::with_capacity(commits.len());
+        for ((commit, accepted), outcomes) in commits.into_iter().zip(accepted).zip(outcomes) {
+            if !accepted {
+                results.push(UserCommitResult::Conflict {
+                    current: state.user_states.get(&commit.user_id).map(|(record, _)| record.clone()),
+                });
+                continue;
+            }
+            let version = match commit.new_state {
+                Some(bytes) => {
+                    let record = UserStateRecord { version: commit.new_version, bytes };
+                    let forget_at_ms = now_ms.saturating_add(commit.keep_for_ms);
+                    state.user_states.insert(commit.user_id, (record, forget_at_ms));
+                    commit.new_version
+                }
+                None => commit.expected_version,
+            };
+            results.push(UserCommitResult::Committed { version, outcomes });
+        }
+        Ok(results)
     }
 
     async fn wallet(&self, user: &UserId) -> Result<Vec<CouponRecord>, StoreError> {
@@ -322,38 +423,109 @@ impl Store for MemoryStore {
         let incarnation = stored.incarnation;
         if let Some(counters) = state.counters.get_mut(&record.coupon.campaign_id) {
             if counters.incarnation == incarnation {
-                counters.redeemed += 1;
+                counters.stats.redeemed += 1;
             }
         }
         Ok(record)
     }
+}
 
+#[async_trait]
+impl OutboxStore for MemoryStore {
     async fn outbox_take(
         &self,
+        _consumer: &str,
         max: usize,
         now_ms: i64,
-        redeliver_after_ms: i64,
+        lease_ms: i64,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
         let mut state = self.state.lock();
         let mut taken = Vec::new();
-        for (&seq, slot) in state.outbox.iter_mut() {
+        for slot in state.outbox.values_mut() {
             if taken.len() >= max {
                 break;
             }
-            let due = slot.handed_out_at_ms.is_none_or(|at| now_ms.saturating_sub(at) >= redeliver_after_ms);
-            if due {
-                slot.handed_out_at_ms = Some(now_ms);
-                taken.push(OutboxEntry { seq, coupon: slot.coupon.clone() });
+            if slot.due_at_ms <= now_ms {
+                slot.due_at_ms = now_ms.saturating_add(lease_ms);
+                taken.push(slot.entry.clone());
             }
         }
         Ok(taken)
     }
 
-    async fn outbox_ack(&self, seqs: &[u64]) -> Result<(), StoreError> {
+    async fn outbox_retry(&self, entry: &OutboxEntry, attempts: u32, not_before_ms: i64) -> Result<(), StoreError> {
         let mut state = self.state.lock();
-        for seq in seqs {
-            state.outbox.remove(seq);
+        let Some(seq) = seq_of(entry) else { return Ok(()) };
+        let Some(slot) = state.outbox.get_mut(&seq) else { return Ok(()) };
+        slot.entry.attempts = attempts;
+        slot.due_at_ms = not_before_ms;
+        let first_retry = !std::mem::replace(&mut slot.retrying, true);
+        if first_retry {
+            if let Some(pushes) = state.push_stats(&entry.coupon.campaign_id) {
+                pushes.retrying += 1;
+            }
         }
+        Ok(())
+    }
+
+    async fn outbox_finish(&self, entry: &OutboxEntry, outcome: PushFinal, now_ms: i64) -> Result<(), StoreError> {
+        let mut state = self.state.lock();
+        let Some(slot) = seq_of(entry).and_then(|seq| state.outbox.remove(&seq)) else {
+            // Finished before (a redelivered entry, a second consumer): count it once.
+            return Ok(());
+        };
+        let campaign = &entry.coupon.campaign_id;
+        if let Some(pushes) = state.push_stats(campaign) {
+            if slot.retrying {
+                pushes.retrying = pushes.retrying.saturating_sub(1);
+            }
+            match &outcome {
+                PushFinal::Delivered => pushes.delivered += 1,
+                PushFinal::DeadToken => pushes.dead_token += 1,
+                PushFinal::Failed { .. } => pushes.failed += 1,
+                PushFinal::Dropped => {}
+            }
+        }
+        match outcome {
+            PushFinal::DeadToken => {
+                let user = &entry.coupon.user_id;
+                if let Some(devices) = state.devices.get_mut(user) {
+                    // Only if the device still has the token that was found dead.
+                    if devices.get(&entry.device_id).is_some_and(|d| d.token == entry.device.token) {
+                        devices.remove(&entry.device_id);
+                    }
+                    if devices.is_empty() {
+                        state.devices.remove(user);
+                    }
+                }
+            }
+            PushFinal::Failed { reason } => {
+                if state.dead_letters.len() == DEAD_LETTERS_KEPT {
+                    state.dead_letters.pop_front();
+                }
+                state.dead_letters.push_back(DeadLetter { entry: slot.entry, reason, at_ms: now_ms });
+            }
+            PushFinal::Delivered | PushFinal::Dropped => {}
+        }
+        Ok(())
+    }
+
+    async fn outbox_len(&self) -> Result<u64, StoreError> {
+        Ok(self.state.lock().outbox.len() as u64)
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        Ok(self.state.lock().dead_letters.iter().rev().take(limit).cloned().collect())
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
         Ok(())
     }
 }
@@ -396,6 +568,11 @@ mod tests {
         wallet_and_coupon,
         redeem,
         outbox,
+        push_outcomes,
+        user_states,
+        commit_decides_in_event_time,
+        campaign_feed,
+        erase_user,
         concurrent_issue_never_breaks_a_cap,
     );
 }

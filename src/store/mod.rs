@@ -1,14 +1,29 @@
-//! The store: campaigns, devices, wallets, caps and the push outbox, behind one trait.
+//! The store: campaigns, devices, wallets, caps, users' trigger state and the push outbox.
 //!
-//! Two implementations share one contract: [`memory::MemoryStore`] (the embedded default, one
-//! node) and a Redis one (many nodes). Whatever decides whether a coupon may be issued — audience,
-//! cooldown, per-user and total maxima, the daily cap, "already issued" — is checked and recorded
-//! in one atomic step ([`Store::issue`]), so concurrent requests can never break a cap or issue
-//! twice.
+//! One [`Store`] trait made of role traits ([`CampaignStore`], [`DeviceStore`], [`IssueStore`],
+//! [`OutboxStore`]), so a part of kabao depends on the role it uses; three implementations share
+//! one contract ([`contract`]): [`memory::MemoryStore`] (`--ephemeral`, tests, the demo), the
+//! embedded durable store (the default, one node) and the Redis store (many nodes).
+//!
+//! The shape follows DESIGN.md ("State, and where it lives"):
+//! - **One commit per request.** A request's pings are applied (pure, in the engine) against the
+//!   states of its users; the result — each user's new trigger state, the coupons its pings may
+//!   issue — goes to [`IssueStore::commit`] in one call. Per user the commit is one atomic step,
+//!   guarded by the version the state was read at: when another request (or node) changed the
+//!   user in between, that user's step is refused whole with the current state, and the engine
+//!   re-applies and commits again. Whatever decides whether a coupon may be issued — audience,
+//!   cooldown, per-user and total maxima, the daily cap, "already issued" — is checked and recorded
+//!   inside that step, with the wallet entry and one outbox entry per device.
+//! - **Trigger state is store data**, opaque here ([`UserStateRecord::bytes`]; the trigger module
+//!   encodes it), so any node can serve any user (API.md rule 7).
+//! - **Campaign revisions come from the store**, and [`CampaignStore::campaign_changes`] is the
+//!   change feed every node's index follows.
+//! - **The outbox's unit is one push**: one coupon to one device, written with the coupon.
 
 #[doc(hidden)]
 pub mod contract;
 pub mod memory;
+pub mod rules;
 
 use std::sync::Arc;
 
@@ -26,9 +41,15 @@ pub enum StoreError {
     /// No such record.
     #[error("not found")]
     NotFound,
-    /// The store cannot be reached or failed; nothing was applied.
+    /// The store cannot be reached or failed; nothing was applied (or, when it failed after
+    /// committing, everything was: an identical retry is safe either way).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store answers but is not the one kabao used before (its identity is gone or
+    /// different: a Redis restarted empty, a data directory replaced). Nothing is served from it
+    /// until an operator acts; the message says what happened and how to proceed.
+    #[error("store lost its data: {0}")]
+    Lost(String),
 }
 
 /// Which push service a device is reached through.
@@ -107,10 +128,13 @@ pub struct IssueCandidate {
 /// issued earlier by the same ping.
 #[derive(Debug, Clone)]
 pub struct IssueRequest {
-    /// The user.
+    /// The user (the same as the [`UserCommit`] it travels in).
     pub user_id: UserId,
     /// The ping's `ts_ms` (all rule 4 windows are measured from it).
     pub ts_ms: i64,
+    /// The ping's position in its request's event-time order (ties of `ts_ms` in array order):
+    /// a commit decides the issue requests of all its users in `(ts_ms, seq)` order.
+    pub seq: u32,
     /// `max_coupons_per_user_per_day`; 0 = unlimited.
     pub daily_cap: u32,
     /// In ascending campaign id order (API.md: the daily cap takes campaigns in that order).
@@ -136,13 +160,28 @@ pub enum IssueOutcome {
     DailyCap,
 }
 
-/// Counters of one campaign.
+/// Counters of one campaign (API.md `GET /v1/campaigns/{id}/stats`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CampaignStats {
     /// Coupons issued, ever.
     pub issued: u64,
     /// Of those, redeemed.
     pub redeemed: u64,
+    /// What became of the coupons' pushes.
+    pub pushes: PushStats,
+}
+
+/// Push outcomes of one campaign's coupons, one count per (coupon, device) push.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushStats {
+    /// The provider accepted the push.
+    pub delivered: u64,
+    /// Failed at least once and waiting for another attempt (a gauge: it goes down again).
+    pub retrying: u64,
+    /// Given up: a permanent error, or `push_max_attempts` used up (then in the dead letters).
+    pub failed: u64,
+    /// The provider called the token dead; the device was removed.
+    pub dead_token: u64,
 }
 
 /// Why a redemption was refused.
@@ -165,48 +204,174 @@ pub enum RedeemError {
     Store(#[from] StoreError),
 }
 
-/// A push waiting to be delivered: one issued coupon, to every device of its user.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OutboxEntry {
-    /// Position in the outbox, used to acknowledge it.
-    pub seq: u64,
-    /// The coupon to push.
-    pub coupon: IssuedCoupon,
+/// One user's trigger state as the store keeps it: opaque bytes (encoded and decoded by the
+/// trigger module) and the version they were written at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserStateRecord {
+    /// Changes on every commit; a commit names the version it read (see [`UserCommit`]).
+    pub version: u64,
+    /// The encoded state.
+    pub bytes: Vec<u8>,
 }
 
-/// The shared state of kabao. See the module docs for the atomicity it promises.
-#[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// Answers when the store is reachable (`/readyz`).
-    async fn health(&self) -> Result<(), StoreError>;
+/// What one request changes for one user: committed whole or not at all.
+#[derive(Debug, Clone)]
+pub struct UserCommit {
+    /// The user.
+    pub user_id: UserId,
+    /// The version of the state the request's pings were applied to; `0` when the store had no
+    /// state for the user. A store whose current version differs refuses the whole step.
+    pub expected_version: u64,
+    /// The state after the request, written at `new_version`; `None` when the request left the
+    /// state as it was (every ping ignored): then only the version is checked.
+    pub new_state: Option<Vec<u8>>,
+    /// A fresh version for `new_state` (random, so a state erased and rebuilt never repeats an
+    /// old version a node may still have cached). Unused when `new_state` is `None`.
+    pub new_version: u64,
+    /// The store may forget the state this long (server time) after the commit: by then no
+    /// ping the user can still send is affected by it (see `Engine`'s eviction rule).
+    pub keep_for_ms: i64,
+    /// The user's pings that have candidates, in `ts_ms` order (each decided in turn, so the
+    /// daily cap counts coupons issued earlier by the same request).
+    pub issues: Vec<IssueRequest>,
+}
 
-    /// Stores a new campaign; [`StoreError::Conflict`] when its id is taken.
-    async fn insert_campaign(&self, campaign: Arc<Campaign>) -> Result<(), StoreError>;
-    /// Replaces an existing campaign; [`StoreError::NotFound`] when there is none.
-    async fn replace_campaign(&self, campaign: Arc<Campaign>) -> Result<(), StoreError>;
-    /// Deletes a campaign (its issued coupons stay in wallets); [`StoreError::NotFound`] when absent.
-    async fn delete_campaign(&self, id: &CampaignId) -> Result<(), StoreError>;
+/// How a store answered one [`UserCommit`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum UserCommitResult {
+    /// Applied whole: outcomes per issue request, per candidate, in the order given.
+    Committed {
+        /// The user's state version now (`new_version`, or the unchanged expected one).
+        version: u64,
+        /// `outcomes[i][j]` decides `issues[i].candidates[j]`.
+        outcomes: Vec<Vec<IssueOutcome>>,
+    },
+    /// Refused whole: the user's state was changed meanwhile. Re-apply the pings to `current`
+    /// (`None`: the store has no state for the user) and commit again.
+    Conflict {
+        /// The state as the store has it now.
+        current: Option<UserStateRecord>,
+    },
+}
+
+/// One push waiting to be delivered: one issued coupon to one device of its user, queued in the
+/// same atomic step that issued the coupon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    /// The store's handle for the entry (a sequence number, a stream id): opaque to callers.
+    pub id: String,
+    /// The coupon to push.
+    pub coupon: IssuedCoupon,
+    /// The device, as registered when the coupon was issued.
+    pub device_id: DeviceId,
+    /// Its platform and token at that time.
+    pub device: Device,
+    /// Attempts made so far (0 for a fresh entry).
+    pub attempts: u32,
+}
+
+/// How a push ended, for [`OutboxStore::outbox_finish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushFinal {
+    /// The provider accepted it.
+    Delivered,
+    /// The provider called the token dead: the device is removed (if its token is still the one
+    /// pushed to).
+    DeadToken,
+    /// Given up (a permanent error, or every attempt used): kept in the dead letters with the reason.
+    Failed {
+        /// Why, for the dead-letter list.
+        reason: String,
+    },
+    /// Not sent: the device was deleted or re-registered with another token meanwhile.
+    Dropped,
+}
+
+/// A push that was given up, kept for an operator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The push as it was queued.
+    pub entry: OutboxEntry,
+    /// Why it was given up.
+    pub reason: String,
+    /// Server time it was given up.
+    pub at_ms: i64,
+}
+
+/// A change of one campaign, as the change feed reports it.
+#[derive(Debug, Clone)]
+pub enum CampaignChange {
+    /// Created or replaced: the campaign as it now is (its `revision` is the change's).
+    Upsert(Arc<Campaign>),
+    /// Deleted at `revision`.
+    Delete {
+        /// The deleted campaign.
+        id: CampaignId,
+        /// The store revision of the delete.
+        revision: u64,
+    },
+}
+
+/// What [`CampaignStore::campaign_changes`] answers.
+#[derive(Debug, Clone, Default)]
+pub struct CampaignChanges {
+    /// The store's campaign revision the answer is complete up to.
+    pub revision: u64,
+    /// Every change after the asked revision up to `revision`, in revision order; when the
+    /// store no longer holds them all, `None`: reload every campaign instead.
+    pub changes: Option<Vec<CampaignChange>>,
+}
+
+/// Campaigns: the source of truth every node's fence index is built from.
+#[async_trait]
+pub trait CampaignStore: Send + Sync + 'static {
+    /// Stores a new campaign at a new store revision (set in the returned campaign);
+    /// [`StoreError::Conflict`] when its id is taken. Its counters start at zero, also when the id
+    /// was used by a deleted campaign.
+    async fn insert_campaign(&self, campaign: Campaign) -> Result<Arc<Campaign>, StoreError>;
+    /// Replaces an existing campaign at a new store revision; [`StoreError::NotFound`] when there
+    /// is none. Counters are kept.
+    async fn replace_campaign(&self, campaign: Campaign) -> Result<Arc<Campaign>, StoreError>;
+    /// Deletes a campaign (its issued coupons stay in wallets); [`StoreError::NotFound`] when
+    /// absent. Returns the delete's revision.
+    async fn delete_campaign(&self, id: &CampaignId) -> Result<u64, StoreError>;
     /// One campaign.
     async fn campaign(&self, id: &CampaignId) -> Result<Option<Arc<Campaign>>, StoreError>;
     /// Up to `limit` campaigns with ids greater than `after`, ascending by id.
     async fn campaigns_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<Arc<Campaign>>, StoreError>;
-    /// Every campaign (to build the fence index).
-    async fn all_campaigns(&self) -> Result<Vec<Arc<Campaign>>, StoreError>;
+    /// Every campaign and the revision they are complete up to (to build the fence index).
+    async fn all_campaigns(&self) -> Result<(u64, Vec<Arc<Campaign>>), StoreError>;
+    /// The change feed: every campaign change after revision `since`.
+    async fn campaign_changes(&self, since: u64) -> Result<CampaignChanges, StoreError>;
     /// Counters of a campaign (zeros for a campaign that issued nothing).
     async fn campaign_stats(&self, id: &CampaignId) -> Result<CampaignStats, StoreError>;
+}
 
+/// Devices: where a user's pushes go, and whose tags make the audience.
+#[async_trait]
+pub trait DeviceStore: Send + Sync + 'static {
     /// Registers or updates a device of a user.
     async fn put_device(&self, user: &UserId, device: &DeviceId, value: Device) -> Result<(), StoreError>;
     /// Removes a device; `false` when it was not there.
     async fn delete_device(&self, user: &UserId, device: &DeviceId) -> Result<bool, StoreError>;
-    /// The user's devices.
+    /// The user's devices, by device id.
     async fn devices(&self, user: &UserId) -> Result<Vec<(DeviceId, Device)>, StoreError>;
+    /// Erases everything kept about the user (API.md `DELETE /v1/users/{id}`): devices, wallet
+    /// and coupon records, trigger state, per-user counters, pending pushes. Campaign totals
+    /// (`issued`, `total_max`) keep counting the erased coupons.
+    async fn erase_user(&self, user: &UserId) -> Result<(), StoreError>;
+}
 
-    /// Decides every candidate of one ping in one atomic step: checks rule 4's store half
-    /// (audience, cooldown, per-user max, total max, daily cap) and "already issued", and for
-    /// each allowed one records the coupon in the wallet and the outbox. Outcomes are in the
-    /// order of `request.candidates`.
-    async fn issue(&self, request: IssueRequest) -> Result<Vec<IssueOutcome>, StoreError>;
+/// Issuance and redemption: the atomic steps.
+#[async_trait]
+pub trait IssueStore: Send + Sync + 'static {
+    /// The stored trigger states of `users` (in their order; `None`: none stored), read at once.
+    async fn load_user_states(&self, users: &[UserId]) -> Result<Vec<Option<UserStateRecord>>, StoreError>;
+    /// Commits one request: each [`UserCommit`] is one atomic, version-checked step (see the module
+    /// docs); results are in the order of `commits`. Issue requests of different users are
+    /// decided in ascending `ts_ms` order where the store can (so the earliest ping wins a last
+    /// `total_max` coupon). Durable before it returns, where the store is durable.
+    async fn commit(&self, commits: Vec<UserCommit>) -> Result<Vec<UserCommitResult>, StoreError>;
 
     /// The user's coupons, newest first (ties by coupon id).
     async fn wallet(&self, user: &UserId) -> Result<Vec<CouponRecord>, StoreError>;
@@ -214,15 +379,38 @@ pub trait Store: Send + Sync + 'static {
     async fn coupon(&self, id: &CouponId) -> Result<Option<CouponRecord>, StoreError>;
     /// Redeems a coupon exactly once, at server time `now_ms`.
     async fn redeem(&self, id: &CouponId, merchant_id: &str, now_ms: i64) -> Result<CouponRecord, RedeemError>;
+}
 
-    /// Up to `max` pushes not yet acknowledged, oldest first. An entry taken but not acknowledged
-    /// is handed out again after `redeliver_after_ms` (at-least-once delivery).
+/// The push outbox and its dead letters.
+#[async_trait]
+pub trait OutboxStore: Send + Sync + 'static {
+    /// Up to `max` pushes due at server time `now_ms`, oldest first, leased to `consumer` for
+    /// `lease_ms`: no other consumer is handed them before the lease runs out (a consumer that
+    /// died leaves its entries to be taken over then).
     async fn outbox_take(
         &self,
+        consumer: &str,
         max: usize,
         now_ms: i64,
-        redeliver_after_ms: i64,
+        lease_ms: i64,
     ) -> Result<Vec<OutboxEntry>, StoreError>;
-    /// Marks pushes as delivered.
-    async fn outbox_ack(&self, seqs: &[u64]) -> Result<(), StoreError>;
+    /// A failed attempt: the entry is due again at `not_before_ms` with `attempts` recorded.
+    async fn outbox_retry(&self, entry: &OutboxEntry, attempts: u32, not_before_ms: i64) -> Result<(), StoreError>;
+    /// A final outcome: the entry leaves the outbox, the campaign's push stats count it, a dead
+    /// token removes the device, a failure goes to the dead letters.
+    async fn outbox_finish(&self, entry: &OutboxEntry, outcome: PushFinal, now_ms: i64) -> Result<(), StoreError>;
+    /// How many pushes are waiting (a gauge for `/metrics`).
+    async fn outbox_len(&self) -> Result<u64, StoreError>;
+    /// The newest `limit` dead letters, newest first.
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
+}
+
+/// The shared state of kabao: every role, plus health.
+#[async_trait]
+pub trait Store: CampaignStore + DeviceStore + IssueStore + OutboxStore {
+    /// A short name for logs (`memory`, `embedded`, `redis`).
+    fn kind(&self) -> &'static str;
+    /// Answers when the store is reachable and still the one it was ([`StoreError::Lost`]
+    /// otherwise): `/readyz`.
+    async fn health(&self) -> Result<(), StoreError>;
 }

@@ -6,9 +6,12 @@
 //! caps, audience) is not looked at here: the caller filters candidates with
 //! [`Campaign::is_issuing_at`] and the store.
 //!
-//! State lives in [`SHARDS`] independently locked hash maps keyed by user, so pings of different
-//! users rarely contend. Callers apply each user's pings in `ts_ms` order; a ping older than the
-//! user's newest applied one is [`IgnoreReason::Stale`] whatever order it arrives in.
+//! A user's state is a plain value, [`UserState`], moved by [`UserState::apply`] and encoded for
+//! the store; [`TriggerEngine`] is a node's cache of those values, in [`SHARDS`] independently
+//! locked hash maps keyed by user so that pings of different users rarely contend, each entry
+//! tagged with the store version it was read or written at. Callers apply each user's pings in
+//! `ts_ms` order; a ping older than the user's newest applied one is [`IgnoreReason::Stale`]
+//! whatever order it arrives in.
 
 mod state;
 
@@ -27,7 +30,7 @@ use rustc_hash::{FxBuildHasher, FxHashMap};
 
 use crate::domain::{Campaign, Fence, FenceId, Ping, UserId};
 
-use state::UserState;
+pub use state::{DecodeError, UserState};
 
 /// How many independently locked maps user state is spread over (a power of two).
 pub const SHARDS: usize = 64;
@@ -102,11 +105,19 @@ pub enum Outcome {
     },
 }
 
-/// Per-user trigger state for every user, sharded by user id.
+/// A node's cache of user trigger states, sharded by user id, with the rules' settings.
 pub struct TriggerEngine {
     config: TriggerConfig,
     /// `SHARDS` maps; a user always lives in the same one.
-    shards: Box<[Mutex<FxHashMap<UserId, UserState>>]>,
+    shards: Box<[Mutex<FxHashMap<UserId, Cached>>]>,
+}
+
+/// One cached state and the store version it belongs to.
+#[derive(Debug)]
+struct Cached {
+    /// The store's version of `state` (0 for a state never stored, as in the rules' own tests).
+    version: u64,
+    state: UserState,
 }
 
 impl std::fmt::Debug for TriggerEngine {
@@ -127,7 +138,7 @@ impl TriggerEngine {
         &self.config
     }
 
-    fn shard(&self, user: &UserId) -> &Mutex<FxHashMap<UserId, UserState>> {
+    fn shard(&self, user: &UserId) -> &Mutex<FxHashMap<UserId, Cached>> {
         // The high bits of an Fx hash are the well-mixed ones.
         let index = (FxBuildHasher.hash_one(user) >> 32) as usize & (SHARDS - 1);
         &self.shards[index]
@@ -141,16 +152,31 @@ impl TriggerEngine {
     pub fn apply(&self, ping: &Ping, hits: &[FenceHit<'_>]) -> Outcome {
         let mut users = self.shard(&ping.user_id).lock();
         match users.get_mut(&ping.user_id) {
-            Some(user) => user.apply(&self.config, ping, hits),
+            Some(user) => user.state.apply(&self.config, ping, hits),
             None => {
                 let mut user = UserState::default();
                 let outcome = user.apply(&self.config, ping, hits);
                 // An ignored first ping leaves no trace (ignored pings change no state).
                 if matches!(outcome, Outcome::Applied { .. }) {
-                    users.insert(ping.user_id.clone(), user);
+                    users.insert(ping.user_id.clone(), Cached { version: 0, state: user });
                 }
                 outcome
             }
+        }
+    }
+
+    /// A copy of the cached state of `user` and its store version, if cached.
+    pub fn cached(&self, user: &UserId) -> Option<(u64, UserState)> {
+        self.shard(user).lock().get(user).map(|c| (c.version, c.state.clone()))
+    }
+
+    /// Caches `state` as the store's version `version` of `user` (an empty state is forgotten).
+    pub fn remember(&self, user: &UserId, version: u64, state: UserState) {
+        let mut users = self.shard(user).lock();
+        if state.is_empty() {
+            users.remove(user);
+        } else {
+            users.insert(user.clone(), Cached { version, state });
         }
     }
 
@@ -164,14 +190,14 @@ impl TriggerEngine {
         for shard in self.shards.iter() {
             let mut users = shard.lock();
             let before = users.len();
-            users.retain(|_, user| now_ms.saturating_sub(user.newest_ts_ms()) <= idle_ms);
+            users.retain(|_, user| now_ms.saturating_sub(user.state.newest_ts_ms()) <= idle_ms);
             freed += before - users.len();
         }
         freed
     }
 
-    /// Forgets everything about one user (used when candidates were used up but the store failed,
-    /// so that a retry of the request detects them again); `true` when the user was known.
+    /// Forgets the cached state of one user (erasure; a store failure whose outcome is unknown);
+    /// `true` when the user was cached.
     pub fn forget(&self, user: &UserId) -> bool {
         self.shard(user).lock().remove(user).is_some()
     }

@@ -1,17 +1,21 @@
 //! One user's trigger state (newest applied ping, stays by campaign and fence) and the rules that
 //! move it: rule 0 and the ignore reasons, `state_ttl_s`, enters, exits, dwell, rule 5.
+//!
+//! The state is a plain value: the engine keeps it in its cache and the store keeps it encoded
+//! ([`UserState::encode`]), so any node can continue any user's stays (API.md rule 7).
 
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
 
 use crate::domain::{haversine_m, Campaign, CampaignId, FenceId, LatLon, Ping, Trigger};
 
 use super::{Candidate, FenceHit, IgnoreReason, Outcome, TriggerConfig};
 
 /// Everything the rules remember about one user.
-#[derive(Debug, Default)]
-pub(super) struct UserState {
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserState {
     /// The newest applied ping: its time decides staleness and TTL gaps, its place rule 0.
     /// `None` only before the first applied ping (such a state is never stored).
     last: Option<LastPing>,
@@ -19,14 +23,24 @@ pub(super) struct UserState {
     campaigns: FxHashMap<CampaignId, CampaignStays>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct LastPing {
     ts_ms: i64,
-    at: LatLon,
+    /// `at` as (lat, lon): [`LatLon`] is built only from validated input.
+    lat: f64,
+    lon: f64,
+}
+
+impl LastPing {
+    fn at(&self) -> LatLon {
+        // Written from a validated `LatLon`, so always in range; a damaged record reads as the
+        // origin rather than panicking.
+        LatLon::new(self.lat, self.lon).unwrap_or(LatLon { lat: 0.0, lon: 0.0 })
+    }
 }
 
 /// The open stays of one user in the fences of one campaign.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct CampaignStays {
     /// The campaign revision the stays were recorded under; a hit of a newer revision forgets
     /// them all (that is how `PUT` forgets stays).
@@ -46,7 +60,7 @@ impl CampaignStays {
 }
 
 /// One stay: consecutive inside pings of a fence, from an enter to the next exit or TTL gap.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct Stay {
     /// `ts_ms` of the enter.
     start_ts_ms: i64,
@@ -87,14 +101,51 @@ fn due_after_ms(trigger: Trigger) -> i64 {
     }
 }
 
+/// The first byte of an encoded state: bumped when the encoding changes, so a store holding
+/// states of another format is noticed instead of misread.
+const ENCODING: u8 = 1;
+
+/// An encoded state could not be read back.
+#[derive(Debug, thiserror::Error)]
+#[error("trigger state record is damaged or of an unknown format: {0}")]
+pub struct DecodeError(String);
+
 impl UserState {
     /// `ts_ms` of the newest applied ping (`i64::MIN` before the first).
-    pub(super) fn newest_ts_ms(&self) -> i64 {
+    pub fn newest_ts_ms(&self) -> i64 {
         self.last.map_or(i64::MIN, |last| last.ts_ms)
     }
 
+    /// True before the first applied ping: nothing worth storing.
+    pub fn is_empty(&self) -> bool {
+        self.last.is_none()
+    }
+
+    /// Open stays, over every campaign (for metrics and tests).
+    pub fn stay_count(&self) -> usize {
+        self.campaigns.values().map(|c| c.fences.len()).sum()
+    }
+
+    /// The compact binary form the store keeps (a format byte, then postcard).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![ENCODING];
+        // Serialising plain structs, strings and numbers into a Vec cannot fail.
+        out.extend(postcard::to_stdvec(self).unwrap_or_default());
+        out
+    }
+
+    /// Reads back what [`UserState::encode`] wrote.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        match bytes.split_first() {
+            Some((&ENCODING, rest)) => postcard::from_bytes(rest).map_err(|e| DecodeError(e.to_string())),
+            Some((other, _)) => Err(DecodeError(format!("format {other}"))),
+            None => Err(DecodeError("empty record".into())),
+        }
+    }
+
     /// Applies one ping: decides whether it is ignored, and if not moves every stay it touches.
-    pub(super) fn apply(&mut self, config: &TriggerConfig, ping: &Ping, hits: &[FenceHit<'_>]) -> Outcome {
+    /// An ignored ping changes nothing.
+    pub fn apply(&mut self, config: &TriggerConfig, ping: &Ping, hits: &[FenceHit<'_>]) -> Outcome {
         if let Some(reason) = self.ignore_reason(config, ping) {
             return Outcome::Ignored(reason);
         }
@@ -103,7 +154,7 @@ impl UserState {
                 self.campaigns.clear();
             }
         }
-        self.last = Some(LastPing { ts_ms: ping.ts_ms, at: ping.at });
+        self.last = Some(LastPing { ts_ms: ping.ts_ms, lat: ping.at.lat, lon: ping.at.lon });
         Outcome::Applied { candidates: self.track(ping, hits) }
     }
 
@@ -121,7 +172,7 @@ impl UserState {
         if config.max_speed_mps > 0.0 {
             if let Some(last) = self.last {
                 let gap_ms = ping.ts_ms.saturating_sub(last.ts_ms);
-                if gap_ms <= ttl_ms(config) && too_fast(last.at, ping.at, gap_ms, config.max_speed_mps) {
+                if gap_ms <= ttl_ms(config) && too_fast(last.at(), ping.at, gap_ms, config.max_speed_mps) {
                     return Some(IgnoreReason::ImplausibleSpeed);
                 }
             }

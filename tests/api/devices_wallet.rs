@@ -136,3 +136,33 @@ async fn redemption_once_then_409_and_the_refusals() {
     assert_eq!(missing.field(), Some("merchant_id"));
     redeem(long, json!(7)).await.assert_error(400, "malformed_json");
 }
+
+#[tokio::test]
+async fn erasing_a_user_forgets_devices_wallet_stays_and_per_user_counts_but_not_totals() {
+    let app = spawn().await;
+    let mut capped = campaign("capped");
+    capped["caps"] = json!({"per_user_max": 1, "total_max": 10});
+    app.create(&capped).await;
+    let t = t0();
+    app.device("gone", "phone", &["vip"]).await;
+    assert_eq!(app.ping(inside("gone", t)).await.events().len(), 1);
+    assert_eq!(app.ping(inside("kept", t)).await.events().len(), 1);
+
+    assert_eq!(app.delete("/v1/users/gone").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(app.delete("/v1/users/never-seen").await.status, StatusCode::NO_CONTENT, "unknown users too");
+    assert!(app.wallet("gone").await.is_empty());
+    app.delete("/v1/users/gone/devices/phone").await.assert_error(404, "not_found");
+    assert_eq!(app.wallet("kept").await.len(), 1, "other users keep theirs");
+
+    // The stay was forgotten (the next inside ping is an enter) and per_user_max no longer
+    // counts the erased coupon; `issued` still does.
+    assert_eq!(app.ping(inside("gone", t + 1_000)).await.events().len(), 1);
+    let stats = app.get("/v1/campaigns/capped/stats").await;
+    assert_eq!(stats.body["issued"], 3, "{}", stats.text);
+    assert_eq!(stats.body["pushes"]["dead_token"], 0);
+
+    // A client may erase itself only.
+    let me = app.call(reqwest::Method::DELETE, "/v1/users/kept", Some(&jwt("kept")), None).await;
+    assert_eq!(me.status, StatusCode::NO_CONTENT);
+    app.call(reqwest::Method::DELETE, "/v1/users/gone", Some(&jwt("kept")), None).await.assert_error(403, "forbidden");
+}

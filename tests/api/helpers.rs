@@ -16,7 +16,8 @@ use kabao::config::Config;
 use kabao::domain::{Campaign, CampaignId, CouponId, DeviceId, UserId};
 use kabao::store::memory::MemoryStore;
 use kabao::store::{
-    CampaignStats, CouponRecord, Device, IssueOutcome, IssueRequest, OutboxEntry, RedeemError, Store, StoreError,
+    CampaignChanges, CampaignStats, CampaignStore, CouponRecord, DeadLetter, Device, DeviceStore, IssueStore,
+    OutboxEntry, OutboxStore, PushFinal, RedeemError, Store, StoreError, UserCommit, UserCommitResult, UserStateRecord,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -310,79 +311,70 @@ impl FlakyStore {
     }
 }
 
-#[async_trait]
-impl Store for FlakyStore {
-    async fn health(&self) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.health().await
+/// Implements a store role for [`FlakyStore`]: each listed method checks the switch, then
+/// delegates to the inner store.
+macro_rules! delegate_when_up {
+    ($role:ident { $($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)* } $($extra:item)*) => {
+        #[async_trait]
+        impl $role for FlakyStore {
+            $($extra)*
+            $(
+                async fn $name(&self, $($arg: $ty),*) -> $ret {
+                    self.check()?;
+                    self.inner.$name($($arg),*).await
+                }
+            )*
+        }
+    };
+}
+
+delegate_when_up! {
+    CampaignStore {
+        insert_campaign(campaign: Campaign) -> Result<Arc<Campaign>, StoreError>;
+        replace_campaign(campaign: Campaign) -> Result<Arc<Campaign>, StoreError>;
+        delete_campaign(id: &CampaignId) -> Result<u64, StoreError>;
+        campaign(id: &CampaignId) -> Result<Option<Arc<Campaign>>, StoreError>;
+        campaigns_page(after: Option<&str>, limit: usize) -> Result<Vec<Arc<Campaign>>, StoreError>;
+        all_campaigns() -> Result<(u64, Vec<Arc<Campaign>>), StoreError>;
+        campaign_changes(since: u64) -> Result<CampaignChanges, StoreError>;
+        campaign_stats(id: &CampaignId) -> Result<CampaignStats, StoreError>;
     }
-    async fn insert_campaign(&self, campaign: Arc<Campaign>) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.insert_campaign(campaign).await
+}
+
+delegate_when_up! {
+    DeviceStore {
+        put_device(user: &UserId, device: &DeviceId, value: Device) -> Result<(), StoreError>;
+        delete_device(user: &UserId, device: &DeviceId) -> Result<bool, StoreError>;
+        devices(user: &UserId) -> Result<Vec<(DeviceId, Device)>, StoreError>;
+        erase_user(user: &UserId) -> Result<(), StoreError>;
     }
-    async fn replace_campaign(&self, campaign: Arc<Campaign>) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.replace_campaign(campaign).await
+}
+
+delegate_when_up! {
+    IssueStore {
+        load_user_states(users: &[UserId]) -> Result<Vec<Option<UserStateRecord>>, StoreError>;
+        commit(commits: Vec<UserCommit>) -> Result<Vec<UserCommitResult>, StoreError>;
+        wallet(user: &UserId) -> Result<Vec<CouponRecord>, StoreError>;
+        coupon(id: &CouponId) -> Result<Option<CouponRecord>, StoreError>;
+        redeem(id: &CouponId, merchant_id: &str, now_ms: i64) -> Result<CouponRecord, RedeemError>;
     }
-    async fn delete_campaign(&self, id: &CampaignId) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.delete_campaign(id).await
+}
+
+delegate_when_up! {
+    OutboxStore {
+        outbox_take(consumer: &str, max: usize, now_ms: i64, lease_ms: i64) -> Result<Vec<OutboxEntry>, StoreError>;
+        outbox_retry(entry: &OutboxEntry, attempts: u32, not_before_ms: i64) -> Result<(), StoreError>;
+        outbox_finish(entry: &OutboxEntry, outcome: PushFinal, now_ms: i64) -> Result<(), StoreError>;
+        outbox_len() -> Result<u64, StoreError>;
+        dead_letters(limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
     }
-    async fn campaign(&self, id: &CampaignId) -> Result<Option<Arc<Campaign>>, StoreError> {
-        self.check()?;
-        self.inner.campaign(id).await
+}
+
+delegate_when_up! {
+    Store {
+        health() -> Result<(), StoreError>;
     }
-    async fn campaigns_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<Arc<Campaign>>, StoreError> {
-        self.check()?;
-        self.inner.campaigns_page(after, limit).await
-    }
-    async fn all_campaigns(&self) -> Result<Vec<Arc<Campaign>>, StoreError> {
-        self.check()?;
-        self.inner.all_campaigns().await
-    }
-    async fn campaign_stats(&self, id: &CampaignId) -> Result<CampaignStats, StoreError> {
-        self.check()?;
-        self.inner.campaign_stats(id).await
-    }
-    async fn put_device(&self, user: &UserId, device: &DeviceId, value: Device) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.put_device(user, device, value).await
-    }
-    async fn delete_device(&self, user: &UserId, device: &DeviceId) -> Result<bool, StoreError> {
-        self.check()?;
-        self.inner.delete_device(user, device).await
-    }
-    async fn devices(&self, user: &UserId) -> Result<Vec<(DeviceId, Device)>, StoreError> {
-        self.check()?;
-        self.inner.devices(user).await
-    }
-    async fn issue(&self, request: IssueRequest) -> Result<Vec<IssueOutcome>, StoreError> {
-        self.check()?;
-        self.inner.issue(request).await
-    }
-    async fn wallet(&self, user: &UserId) -> Result<Vec<CouponRecord>, StoreError> {
-        self.check()?;
-        self.inner.wallet(user).await
-    }
-    async fn coupon(&self, id: &CouponId) -> Result<Option<CouponRecord>, StoreError> {
-        self.check()?;
-        self.inner.coupon(id).await
-    }
-    async fn redeem(&self, id: &CouponId, merchant_id: &str, now_ms: i64) -> Result<CouponRecord, RedeemError> {
-        self.check()?;
-        self.inner.redeem(id, merchant_id, now_ms).await
-    }
-    async fn outbox_take(
-        &self,
-        max: usize,
-        now_ms: i64,
-        redeliver_after_ms: i64,
-    ) -> Result<Vec<OutboxEntry>, StoreError> {
-        self.check()?;
-        self.inner.outbox_take(max, now_ms, redeliver_after_ms).await
-    }
-    async fn outbox_ack(&self, seqs: &[u64]) -> Result<(), StoreError> {
-        self.check()?;
-        self.inner.outbox_ack(seqs).await
+    fn kind(&self) -> &'static str {
+        "flaky-memory"
     }
 }

@@ -43,6 +43,7 @@ async fn every_route_is_in_the_openapi_document() {
         ("post", "/v1/pings"),
         ("put", "/v1/users/{user_id}/devices/{device_id}"),
         ("delete", "/v1/users/{user_id}/devices/{device_id}"),
+        ("delete", "/v1/users/{user_id}"),
         ("get", "/v1/users/{user_id}/coupons"),
         ("post", "/v1/coupons/{coupon_id}/redeem"),
         ("get", "/healthz"),

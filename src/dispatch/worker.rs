@@ -1,0 +1,227 @@
+//! The dispatcher: drains the store's outbox into the push providers.
+//!
+//! One unit of work is one outbox entry (one coupon to one device): [`Dispatcher::deliver`] sends
+//! it and records what became of it — delivered, dead token (the device is removed), failed (to
+//! the dead letters), or a retry scheduled with exponential backoff and jitter that honours the
+//! provider's `Retry-After`. Entries are leased while in flight, so any number of dispatchers
+//! (on any number of nodes) share one outbox and an entry whose dispatcher died is taken over
+//! when its lease runs out. A provider that answered success is not sent the entry again, except
+//! when kabao dies between that answer and recording it (the window of at-least-once delivery).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{PushOutcome, PushProvider};
+use crate::engine::now_ms;
+use crate::store::{OutboxEntry, Platform, PushFinal, Store, StoreError};
+
+/// The provider for each platform.
+#[derive(Clone)]
+pub struct Providers {
+    /// Android and web devices.
+    pub fcm: Arc<dyn PushProvider>,
+    /// Apple devices.
+    pub apns: Arc<dyn PushProvider>,
+}
+
+impl Providers {
+    /// The same provider for every platform (the `log` provider, tests).
+    pub fn all(provider: Arc<dyn PushProvider>) -> Self {
+        Self { fcm: provider.clone(), apns: provider }
+    }
+
+    fn for_platform(&self, platform: Platform) -> &Arc<dyn PushProvider> {
+        match platform {
+            Platform::Fcm => &self.fcm,
+            Platform::Apns => &self.apns,
+        }
+    }
+}
+
+/// How the dispatcher paces itself.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// Attempts before a push goes to the dead letters (`push_max_attempts`).
+    pub max_attempts: u32,
+    /// Pushes in flight at once, per provider.
+    pub concurrency_per_provider: usize,
+    /// First retry delay; doubles with each attempt.
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// How long an entry handed out stays leased to this dispatcher.
+    pub lease: Duration,
+    /// Longest wait for new entries when nobody signals (entries due for retry, other nodes).
+    pub idle_poll: Duration,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 8,
+            concurrency_per_provider: 256,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(300),
+            lease: Duration::from_secs(60),
+            idle_poll: Duration::from_millis(200),
+        }
+    }
+}
+
+/// The delay before the next attempt: full jitter over an exponentially growing window
+/// (`base × 2^(attempts−1)`, capped at `max`), never shorter than the provider's `Retry-After`.
+pub fn retry_delay(
+    config: &DispatchConfig,
+    attempts: u32,
+    retry_after: Option<Duration>,
+    rng: &mut impl Rng,
+) -> Duration {
+    let window = config.backoff_base.saturating_mul(1u32 << attempts.saturating_sub(1).min(20)).min(config.backoff_max);
+    let jittered = window.mul_f64(rng.gen_range(0.5..=1.0));
+    jittered.max(retry_after.unwrap_or_default())
+}
+
+/// Drains one outbox into the providers.
+pub struct Dispatcher {
+    store: Arc<dyn Store>,
+    providers: Providers,
+    config: DispatchConfig,
+    /// This dispatcher's name in the outbox (a consumer of the stream, in Redis).
+    consumer: String,
+    /// Pushes in flight, per provider.
+    fcm_slots: Arc<Semaphore>,
+    apns_slots: Arc<Semaphore>,
+}
+
+impl Dispatcher {
+    /// A dispatcher named `consumer` (unique per process).
+    pub fn new(store: Arc<dyn Store>, providers: Providers, config: DispatchConfig, consumer: String) -> Arc<Self> {
+        let slots = || Arc::new(Semaphore::new(config.concurrency_per_provider));
+        Arc::new(Self { store, providers, fcm_slots: slots(), apns_slots: slots(), config, consumer })
+    }
+
+    /// Takes and delivers due entries until `shutdown` is cancelled; then waits for the pushes in
+    /// flight (their leases cover a dispatcher that is killed instead).
+    pub async fn run(self: Arc<Self>, issued: Arc<Notify>, shutdown: CancellationToken) {
+        let in_flight = TaskTracker::new();
+        loop {
+            let taken = match self.take_round(&in_flight).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the push outbox; retrying");
+                    0
+                }
+            };
+            if taken > 0 {
+                continue;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = issued.notified() => {}
+                _ = tokio::time::sleep(self.config.idle_poll) => {}
+            }
+        }
+        in_flight.close();
+        in_flight.wait().await;
+    }
+
+    /// Takes as many due entries as there are free slots and starts delivering each.
+    async fn take_round(self: &Arc<Self>, in_flight: &TaskTracker) -> Result<usize, StoreError> {
+        let free = self.fcm_slots.available_permits().min(self.apns_slots.available_permits());
+        if free == 0 {
+            // Every slot busy: wait for one rather than spin.
+            drop(self.fcm_slots.acquire().await);
+            return Ok(0);
+        }
+        let lease_ms = self.config.lease.as_millis() as i64;
+        let entries = self.store.outbox_take(&self.consumer, free.min(512), now_ms(), lease_ms).await?;
+        let taken = entries.len();
+        for entry in entries {
+            let slots = match entry.device.platform {
+                Platform::Fcm => self.fcm_slots.clone(),
+                Platform::Apns => self.apns_slots.clone(),
+            };
+            let Ok(permit) = slots.acquire_owned().await else { break };
+            let this = Arc::clone(self);
+            in_flight.spawn(async move {
+                if let Err(e) = this.deliver(entry).await {
+                    tracing::warn!(error = %e, "cannot record a push outcome; the entry is redelivered later");
+                }
+                drop(permit);
+            });
+        }
+        Ok(taken)
+    }
+
+    /// One unit of work: sends one entry and records its outcome.
+    pub async fn deliver(&self, mut entry: OutboxEntry) -> Result<(), StoreError> {
+        // A device deleted (or given another token) since the coupon was issued gets nothing.
+        let devices = self.store.devices(&entry.coupon.user_id).await?;
+        let current = devices.iter().find(|(id, _)| *id == entry.device_id).map(|(_, d)| d);
+        if current.is_none_or(|d| d.token != entry.device.token || d.platform != entry.device.platform) {
+            record_outcome("none", "dropped");
+            return self.store.outbox_finish(&entry, PushFinal::Dropped, now_ms()).await;
+        }
+        let provider = self.providers.for_platform(entry.device.platform);
+        let outcome = provider.send(&entry.device, &entry.coupon).await;
+        let name = provider.name();
+        let now = now_ms();
+        match outcome {
+            PushOutcome::Delivered => {
+                record_outcome(name, "delivered");
+                self.store.outbox_finish(&entry, PushFinal::Delivered, now).await
+            }
+            PushOutcome::DeadToken { reason } => {
+                record_outcome(name, "dead_token");
+                tracing::info!(provider = name, device_id = %entry.device_id, %reason, "dead push token; removing the device");
+                self.store.outbox_finish(&entry, PushFinal::DeadToken, now).await
+            }
+            PushOutcome::Failed { reason } => {
+                record_outcome(name, "failed");
+                tracing::warn!(provider = name, coupon_id = %entry.coupon.coupon_id, %reason, "push refused; to the dead letters");
+                self.store.outbox_finish(&entry, PushFinal::Failed { reason }, now).await
+            }
+            PushOutcome::Retry { reason, retry_after } => {
+                entry.attempts += 1;
+                if entry.attempts >= self.config.max_attempts {
+                    record_outcome(name, "failed");
+                    let reason = format!("gave up after {} attempts: {reason}", entry.attempts);
+                    tracing::warn!(provider = name, coupon_id = %entry.coupon.coupon_id, %reason, "push to the dead letters");
+                    return self.store.outbox_finish(&entry, PushFinal::Failed { reason }, now).await;
+                }
+                record_outcome(name, "retry");
+                let delay = retry_delay(&self.config, entry.attempts, retry_after, &mut rand::thread_rng());
+                let attempts = entry.attempts;
+                self.store.outbox_retry(&entry, attempts, now.saturating_add(delay.as_millis() as i64)).await
+            }
+        }
+    }
+}
+
+fn record_outcome(provider: &'static str, outcome: &'static str) {
+    metrics::counter!("kabao_pushes_total", "provider" => provider, "outcome" => outcome).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn retry_delays_grow_stay_bounded_and_honour_retry_after() {
+        let config = DispatchConfig::default();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for attempts in 1..40 {
+            let window = config.backoff_base.saturating_mul(1 << (attempts - 1).min(20)).min(config.backoff_max);
+            let delay = retry_delay(&config, attempts, None, &mut rng);
+            assert!(delay >= window / 2 && delay <= window, "attempt {attempts}: {delay:?} outside {window:?}");
+        }
+        let long = Duration::from_secs(3_600);
+        assert_eq!(retry_delay(&config, 1, Some(long), &mut rng), long, "never sooner than Retry-After");
+    }
+}
