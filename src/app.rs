@@ -8,12 +8,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, PushProviderKind};
+use crate::config::{Config, PushProviderKind, StoreChoice};
 use crate::dispatch::log::LogProvider;
 use crate::dispatch::worker::{DispatchConfig, Dispatcher, Providers};
 use crate::engine::Engine;
@@ -40,10 +40,9 @@ pub struct Application {
 }
 
 impl Application {
-    /// Builds the embedded default (in-memory store, `log` push provider) and binds `config.listen`.
+    /// Opens the configured store and builds a server over it, bound to `config.listen`.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        tracing::info!(store = "memory", "store: in-memory (one node; data lasts as long as the process)");
+        let store = open_store(&config.store).await?;
         Self::build_with_store(config, store).await
     }
 
@@ -107,6 +106,25 @@ impl Application {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Opens the store `choice` names, saying at start-up which one is in use and where.
+pub async fn open_store(choice: &StoreChoice) -> anyhow::Result<Arc<dyn Store>> {
+    match choice {
+        StoreChoice::Ephemeral => {
+            tracing::info!(store = "memory", "store: in memory only (--ephemeral): everything is lost on exit");
+            Ok(Arc::new(MemoryStore::new()))
+        }
+        StoreChoice::Embedded { data_dir } => {
+            bail!(
+                "the embedded store ({}) is not available in this build yet; run with --ephemeral",
+                data_dir.display()
+            )
+        }
+        StoreChoice::Redis { .. } => {
+            bail!("the Redis store is not available in this build yet; run with --ephemeral")
+        }
     }
 }
 

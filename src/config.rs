@@ -63,9 +63,15 @@ pub struct ServeArgs {
     /// HS256 secret of client JWTs; generated when absent.
     #[arg(long, env = "KABAO_CLIENT_SECRET", value_name = "SECRET", hide_env_values = true)]
     pub client_secret: Option<String>,
-    /// Redis store URL (`redis://`, `rediss://` or a cluster seed list). Not available in this build.
+    /// Redis store URL (`redis://`, `rediss://`): many nodes share it. Default: the embedded store.
     #[arg(long, env = "KABAO_REDIS_URL", value_name = "URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// Where the embedded store keeps its files (one node, no Redis). Default ./kabao-data.
+    #[arg(long, env = "KABAO_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Keep everything in memory only (tests, demos): lost on exit.
+    #[arg(long, env = "KABAO_EPHEMERAL", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub ephemeral: Option<bool>,
     /// Oldest accepted ping `ts_ms`, seconds before the server clock. Default 86400.
     #[arg(long, env = "KABAO_MAX_PING_AGE_S", value_name = "SECONDS")]
     pub max_ping_age_s: Option<u64>,
@@ -155,6 +161,24 @@ impl Default for HttpConfig {
     }
 }
 
+/// Which store holds kabao's data (API.md Configuration: `KABAO_EPHEMERAL`, `KABAO_DATA_DIR`,
+/// `KABAO_REDIS_URL`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// In this process's memory only (`--ephemeral`, tests, `kabao demo`).
+    Ephemeral,
+    /// The durable embedded store in this directory (the default, one node).
+    Embedded {
+        /// The data directory.
+        data_dir: PathBuf,
+    },
+    /// A Redis shared by any number of nodes.
+    Redis {
+        /// `redis://` or `rediss://` URL. Held as a secret: it may carry a password.
+        url: Secret,
+    },
+}
+
 /// A resolved configuration: every setting decided.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -170,6 +194,8 @@ pub struct Config {
     pub client_secret_generated: bool,
     /// The engine's settings.
     pub engine: EngineConfig,
+    /// Where the data lives.
+    pub store: StoreChoice,
     /// Where pushes go.
     pub push_provider: PushProviderKind,
     /// Limits of the HTTP edge.
@@ -194,6 +220,7 @@ impl Config {
             client_secret: Secret::generate(),
             client_secret_generated: false,
             engine: EngineConfig::default(),
+            store: StoreChoice::Ephemeral,
             push_provider: PushProviderKind::Log,
             http: HttpConfig::default(),
             shutdown_grace: Duration::from_secs(10),
@@ -217,15 +244,17 @@ impl Config {
                 args.$name.clone().or_else(|| file.$name.clone())
             };
         }
-        if let Some(url) = pick!(redis_url) {
-            // Say so rather than silently running on memory: a deployment that asked for a
-            // shared store must not come up as a lone node.
-            let _ = url;
-            bail!(
-                "--redis-url / KABAO_REDIS_URL is set, but the Redis store is not available in this build; \
-                 unset it to run on the in-memory store"
-            );
-        }
+        let store = match (pick!(redis_url), pick!(ephemeral).unwrap_or(false)) {
+            (Some(_), true) => bail!("--redis-url and --ephemeral exclude each other: choose one store"),
+            (Some(url), false) => {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    bail!("--redis-url must start with redis:// or rediss://");
+                }
+                StoreChoice::Redis { url: Secret::new(url) }
+            }
+            (None, true) => StoreChoice::Ephemeral,
+            (None, false) => StoreChoice::Embedded { data_dir: pick!(data_dir).unwrap_or_else(|| "kabao-data".into()) },
+        };
         let defaults = EngineConfig::default();
         let engine = EngineConfig {
             max_ping_age_s: pick!(max_ping_age_s).unwrap_or(defaults.max_ping_age_s),
@@ -282,6 +311,7 @@ impl Config {
             client_secret,
             client_secret_generated,
             engine,
+            store,
             push_provider: pick!(push_provider).unwrap_or(PushProviderKind::Log),
             http,
             shutdown_grace: Duration::from_secs(pick!(shutdown_grace_s).unwrap_or(10)),
@@ -363,9 +393,15 @@ mod tests {
     }
 
     #[test]
-    fn redis_url_is_refused_in_this_build() {
-        let e = Config::resolve(args(&["--redis-url", "redis://x"]), ServeArgs::default()).unwrap_err();
-        assert!(e.to_string().contains("Redis store is not available"));
+    fn the_store_is_embedded_by_default_ephemeral_or_redis_when_asked() {
+        let store = |list: &[&str]| Config::resolve(args(list), ServeArgs::default()).map(|c| c.store);
+        assert_eq!(store(&[]).unwrap(), StoreChoice::Embedded { data_dir: "kabao-data".into() });
+        assert_eq!(store(&["--data-dir", "/d"]).unwrap(), StoreChoice::Embedded { data_dir: "/d".into() });
+        assert_eq!(store(&["--ephemeral"]).unwrap(), StoreChoice::Ephemeral);
+        assert_eq!(store(&["--ephemeral", "false"]).unwrap(), StoreChoice::Embedded { data_dir: "kabao-data".into() });
+        assert!(matches!(store(&["--redis-url", "redis://h:1"]).unwrap(), StoreChoice::Redis { .. }));
+        assert!(store(&["--redis-url", "http://h"]).is_err());
+        assert!(store(&["--redis-url", "redis://h", "--ephemeral"]).is_err());
     }
 
     #[test]
