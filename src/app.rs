@@ -49,8 +49,10 @@ impl Application {
     /// Builds a server over `store` and binds `config.listen`.
     pub async fn build_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
         let engine = Engine::start(store.clone(), config.engine.clone()).await.context("loading campaigns")?;
-        let provider: Arc<dyn PushProvider> = match config.push_provider {
-            PushProviderKind::Log => Arc::new(LogProvider),
+        // Until the dispatcher takes `dispatch::providers_from_config(&config.push)`, every push
+        // is logged, as before.
+        let provider: Arc<dyn PushProvider> = match config.push.provider {
+            PushProviderKind::Auto | PushProviderKind::Log => Arc::new(LogProvider),
         };
         tracing::info!(push_provider = provider.name(), "push provider");
 

@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use super::{PushProvider, PushResult};
+use super::{PushOutcome, PushProvider};
 use crate::store::{Device, IssuedCoupon};
 
 /// Logs each push at info level (the device token is not logged: it is a credential).
@@ -16,7 +16,7 @@ impl PushProvider for LogProvider {
         "log"
     }
 
-    async fn send(&self, device: &Device, coupon: &IssuedCoupon) -> PushResult {
+    async fn send(&self, device: &Device, coupon: &IssuedCoupon) -> PushOutcome {
         tracing::info!(
             platform = ?device.platform,
             user_id = %coupon.user_id,
@@ -25,6 +25,6 @@ impl PushProvider for LogProvider {
             title = %coupon.title,
             "push"
         );
-        PushResult::Delivered
+        PushOutcome::Delivered
     }
 }
