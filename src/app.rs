@@ -13,9 +13,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, PushProviderKind, StoreChoice};
-use crate::dispatch::log::LogProvider;
-use crate::dispatch::worker::{DispatchConfig, Dispatcher, Providers};
+use crate::config::{Config, StoreChoice};
+use crate::dispatch::worker::{DispatchConfig, Dispatcher};
 use crate::engine::Engine;
 use crate::http::{router, AppState};
 use crate::store::memory::MemoryStore;
@@ -49,15 +48,14 @@ impl Application {
     /// Builds a server over `store` and binds `config.listen`.
     pub async fn build_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
         let engine = Engine::start(store.clone(), config.engine.clone()).await.context("loading campaigns")?;
-        let providers = match config.push_provider {
-            PushProviderKind::Log => Providers::all(Arc::new(LogProvider)),
-        };
+        let providers = crate::dispatch::providers_from_config(&config.push).context("push providers")?;
         tracing::info!(fcm = providers.fcm.name(), apns = providers.apns.name(), "push providers");
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let consumer = format!("kabao-{}-{:08x}", std::process::id(), rand::random::<u32>());
-        let dispatcher = Dispatcher::new(store, providers, DispatchConfig::default(), consumer);
+        let dispatch = DispatchConfig { max_attempts: config.push.max_attempts, ..DispatchConfig::default() };
+        let dispatcher = Dispatcher::new(store, providers, dispatch, consumer);
         tasks.spawn(dispatcher.run(engine.issued_notify(), shutdown.clone()));
 
         let listener = TcpListener::bind(&config.listen).await.with_context(|| format!("binding {}", config.listen))?;

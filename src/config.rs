@@ -35,13 +35,17 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run a complete kabao in one process, fed by simulated shoppers (see `kabao::demo`).
     Demo(crate::demo::DemoArgs),
+    /// Serve fake FCM, OAuth2 and APNs endpoints over TLS, to try or test push delivery locally.
+    FakePush(crate::fakepush::FakePushArgs),
 }
 
 /// Where issued coupons are pushed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PushProviderKind {
-    /// Write each push to the log (the embedded default; needs no credentials).
+    /// FCM and APNs where their credentials are configured, the log for the other platforms.
+    Auto,
+    /// Write each push to the log (needs no credentials).
     Log,
 }
 
@@ -87,9 +91,41 @@ pub struct ServeArgs {
     /// Implausible-speed bound between consecutive pings; 0 turns the check off. Default 100.
     #[arg(long, env = "KABAO_MAX_SPEED_MPS", value_name = "MPS")]
     pub max_speed_mps: Option<f64>,
-    /// Where issued coupons are pushed. Default log.
+    /// Where issued coupons are pushed: `auto` (FCM and APNs where configured, the log
+    /// elsewhere) or `log`. Default auto.
     #[arg(long, env = "KABAO_PUSH_PROVIDER", value_enum)]
     pub push_provider: Option<PushProviderKind>,
+    /// Path of a Google service-account JSON key; enables FCM.
+    #[arg(long, env = "KABAO_FCM_CREDENTIALS", value_name = "FILE")]
+    pub fcm_credentials: Option<PathBuf>,
+    /// Firebase project. Default: the key's `project_id`.
+    #[arg(long, env = "KABAO_FCM_PROJECT_ID", value_name = "ID")]
+    pub fcm_project_id: Option<String>,
+    /// FCM endpoint. Default https://fcm.googleapis.com.
+    #[arg(long, env = "KABAO_FCM_BASE_URL", value_name = "URL")]
+    pub fcm_base_url: Option<String>,
+    /// Path of the APNs `.p8` token-signing key; enables APNs.
+    #[arg(long, env = "KABAO_APNS_KEY_FILE", value_name = "FILE")]
+    pub apns_key_file: Option<PathBuf>,
+    /// The APNs key's id (JWT `kid`).
+    #[arg(long, env = "KABAO_APNS_KEY_ID", value_name = "ID")]
+    pub apns_key_id: Option<String>,
+    /// Apple team id (JWT `iss`).
+    #[arg(long, env = "KABAO_APNS_TEAM_ID", value_name = "ID")]
+    pub apns_team_id: Option<String>,
+    /// The app's bundle id (`apns-topic`).
+    #[arg(long, env = "KABAO_APNS_TOPIC", value_name = "BUNDLE_ID")]
+    pub apns_topic: Option<String>,
+    /// APNs endpoint. Default https://api.push.apple.com (https://api.sandbox.push.apple.com for
+    /// development builds).
+    #[arg(long, env = "KABAO_APNS_BASE_URL", value_name = "URL")]
+    pub apns_base_url: Option<String>,
+    /// Extra CA certificate (PEM) trusted for the push and token endpoints.
+    #[arg(long, env = "KABAO_PUSH_CA_FILE", value_name = "FILE")]
+    pub push_ca_file: Option<PathBuf>,
+    /// Attempts before a push goes to the dead-letter list. Default 8.
+    #[arg(long, env = "KABAO_PUSH_MAX_ATTEMPTS", value_name = "N")]
+    pub push_max_attempts: Option<u32>,
     /// Largest campaign request body. Default 16777216 (16 MiB).
     #[arg(long, env = "KABAO_CAMPAIGN_BODY_LIMIT_BYTES", value_name = "BYTES")]
     pub campaign_body_limit_bytes: Option<usize>,
@@ -179,6 +215,56 @@ pub enum StoreChoice {
     },
 }
 
+/// Settings of push delivery (API.md's `KABAO_PUSH_*`, `KABAO_FCM_*`, `KABAO_APNS_*`).
+/// [`crate::dispatch::providers_from_config`] turns them into providers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushConfig {
+    /// `auto` or `log`.
+    pub provider: PushProviderKind,
+    /// Service-account key file; FCM is off without it.
+    pub fcm_credentials: Option<PathBuf>,
+    /// Overrides the key's `project_id`.
+    pub fcm_project_id: Option<String>,
+    /// FCM endpoint.
+    pub fcm_base_url: String,
+    /// `.p8` key file; APNs is off without it.
+    pub apns_key_file: Option<PathBuf>,
+    /// JWT `kid`; required with a key file.
+    pub apns_key_id: Option<String>,
+    /// JWT `iss`; required with a key file.
+    pub apns_team_id: Option<String>,
+    /// `apns-topic`; required with a key file.
+    pub apns_topic: Option<String>,
+    /// APNs endpoint.
+    pub apns_base_url: String,
+    /// Extra trusted CA (PEM).
+    pub ca_file: Option<PathBuf>,
+    /// Attempts before a push is dead-lettered (at least 1).
+    pub max_attempts: u32,
+    /// Deadline of one request to a provider or token endpoint; one that takes longer is a retry.
+    pub request_timeout: Duration,
+}
+
+impl Default for PushConfig {
+    /// API.md's defaults: `auto` with nothing configured, which is the log for both platforms.
+    fn default() -> Self {
+        Self {
+            provider: PushProviderKind::Auto,
+            fcm_credentials: None,
+            fcm_project_id: None,
+            fcm_base_url: "https://fcm.googleapis.com".into(),
+            apns_key_file: None,
+            apns_key_id: None,
+            apns_team_id: None,
+            apns_topic: None,
+            apns_base_url: "https://api.push.apple.com".into(),
+            ca_file: None,
+            max_attempts: 8,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// A resolved configuration: every setting decided.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -197,7 +283,7 @@ pub struct Config {
     /// Where the data lives.
     pub store: StoreChoice,
     /// Where pushes go.
-    pub push_provider: PushProviderKind,
+    pub push: PushConfig,
     /// Limits of the HTTP edge.
     pub http: HttpConfig,
     /// On shutdown, how long requests in flight get to finish.
@@ -221,7 +307,7 @@ impl Config {
             client_secret_generated: false,
             engine: EngineConfig::default(),
             store: StoreChoice::Ephemeral,
-            push_provider: PushProviderKind::Log,
+            push: PushConfig::default(),
             http: HttpConfig::default(),
             shutdown_grace: Duration::from_secs(10),
         }
@@ -291,6 +377,25 @@ impl Config {
             bail!("request_timeout_s must be at least 1");
         }
 
+        let push_defaults = PushConfig::default();
+        let push = PushConfig {
+            provider: pick!(push_provider).unwrap_or(push_defaults.provider),
+            fcm_credentials: pick!(fcm_credentials),
+            fcm_project_id: pick!(fcm_project_id),
+            fcm_base_url: pick!(fcm_base_url).unwrap_or(push_defaults.fcm_base_url),
+            apns_key_file: pick!(apns_key_file),
+            apns_key_id: pick!(apns_key_id),
+            apns_team_id: pick!(apns_team_id),
+            apns_topic: pick!(apns_topic),
+            apns_base_url: pick!(apns_base_url).unwrap_or(push_defaults.apns_base_url),
+            ca_file: pick!(push_ca_file),
+            max_attempts: pick!(push_max_attempts).unwrap_or(push_defaults.max_attempts),
+            request_timeout: push_defaults.request_timeout,
+        };
+        if push.max_attempts == 0 {
+            bail!("push_max_attempts must be at least 1");
+        }
+
         let listen = normalize_listen(pick!(listen).unwrap_or_else(|| "127.0.0.1:8080".into()));
         check_listen(&listen)?;
 
@@ -312,7 +417,7 @@ impl Config {
             client_secret_generated,
             engine,
             store,
-            push_provider: pick!(push_provider).unwrap_or(PushProviderKind::Log),
+            push,
             http,
             shutdown_grace: Duration::from_secs(pick!(shutdown_grace_s).unwrap_or(10)),
         })
@@ -402,6 +507,23 @@ mod tests {
         assert!(matches!(store(&["--redis-url", "redis://h:1"]).unwrap(), StoreChoice::Redis { .. }));
         assert!(store(&["--redis-url", "http://h"]).is_err());
         assert!(store(&["--redis-url", "redis://h", "--ephemeral"]).is_err());
+    }
+
+    #[test]
+    fn push_settings_come_from_flags_and_the_file() {
+        let c = Config::resolve(ServeArgs::default(), ServeArgs::default()).unwrap();
+        assert_eq!(c.push, PushConfig::default());
+        assert_eq!(c.push.provider, PushProviderKind::Auto);
+        assert_eq!(c.push.max_attempts, 8);
+        let file: ServeArgs =
+            toml::from_str("push_provider = \"log\"\napns_topic = \"com.example\"\npush_max_attempts = 3").unwrap();
+        let c = Config::resolve(args(&["--fcm-credentials", "/k.json", "--apns-base-url", "https://x"]), file).unwrap();
+        assert_eq!(c.push.provider, PushProviderKind::Log);
+        assert_eq!(c.push.fcm_credentials.as_deref(), Some(Path::new("/k.json")));
+        assert_eq!(c.push.apns_base_url, "https://x");
+        assert_eq!(c.push.apns_topic.as_deref(), Some("com.example"));
+        assert_eq!(c.push.max_attempts, 3);
+        assert!(Config::resolve(args(&["--push-max-attempts", "0"]), ServeArgs::default()).is_err());
     }
 
     #[test]

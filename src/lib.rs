@@ -27,6 +27,7 @@
 //! | [`http`] | axum routes, auth, errors, limits, OpenAPI — thin: parse, call, map errors |
 //! | [`config`], [`app`] | flags / `KABAO_*` / config file; startup, serving, graceful shutdown |
 //! | [`demo`] | `kabao demo`: campaigns from `data/`, seeded shoppers replayed over HTTP |
+//! | [`fakepush`] | `kabao fake-push`: protocol-faithful FCM, OAuth2 and APNs fakes over TLS, with fault injection |
 //!
 //! `spatial` and `trigger` do no I/O and never read the clock, so they are tested against brute
 //! force and benchmarked alone. Campaign changes flow the other way: the store is the source of
@@ -38,6 +39,7 @@ pub mod demo;
 pub mod dispatch;
 pub mod domain;
 pub mod engine;
+pub mod fakepush;
 pub mod http;
 pub mod spatial;
 pub mod store;

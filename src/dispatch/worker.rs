@@ -11,37 +11,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{PushOutcome, PushProvider};
+use super::{Backoff, Providers, PushOutcome};
 use crate::engine::now_ms;
 use crate::store::{OutboxEntry, Platform, PushFinal, Store, StoreError};
-
-/// The provider for each platform.
-#[derive(Clone)]
-pub struct Providers {
-    /// Android and web devices.
-    pub fcm: Arc<dyn PushProvider>,
-    /// Apple devices.
-    pub apns: Arc<dyn PushProvider>,
-}
-
-impl Providers {
-    /// The same provider for every platform (the `log` provider, tests).
-    pub fn all(provider: Arc<dyn PushProvider>) -> Self {
-        Self { fcm: provider.clone(), apns: provider }
-    }
-
-    fn for_platform(&self, platform: Platform) -> &Arc<dyn PushProvider> {
-        match platform {
-            Platform::Fcm => &self.fcm,
-            Platform::Apns => &self.apns,
-        }
-    }
-}
 
 /// How the dispatcher paces itself.
 #[derive(Debug, Clone)]
@@ -50,10 +26,8 @@ pub struct DispatchConfig {
     pub max_attempts: u32,
     /// Pushes in flight at once, per provider.
     pub concurrency_per_provider: usize,
-    /// First retry delay; doubles with each attempt.
-    pub backoff_base: Duration,
-    /// Longest retry delay.
-    pub backoff_max: Duration,
+    /// Delays between attempts.
+    pub backoff: Backoff,
     /// How long an entry handed out stays leased to this dispatcher.
     pub lease: Duration,
     /// Longest wait for new entries when nobody signals (entries due for retry, other nodes).
@@ -65,25 +39,11 @@ impl Default for DispatchConfig {
         Self {
             max_attempts: 8,
             concurrency_per_provider: 256,
-            backoff_base: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(300),
+            backoff: Backoff::default(),
             lease: Duration::from_secs(60),
             idle_poll: Duration::from_millis(200),
         }
     }
-}
-
-/// The delay before the next attempt: full jitter over an exponentially growing window
-/// (`base × 2^(attempts−1)`, capped at `max`), never shorter than the provider's `Retry-After`.
-pub fn retry_delay(
-    config: &DispatchConfig,
-    attempts: u32,
-    retry_after: Option<Duration>,
-    rng: &mut impl Rng,
-) -> Duration {
-    let window = config.backoff_base.saturating_mul(1u32 << attempts.saturating_sub(1).min(20)).min(config.backoff_max);
-    let jittered = window.mul_f64(rng.gen_range(0.5..=1.0));
-    jittered.max(retry_after.unwrap_or_default())
 }
 
 /// Drains one outbox into the providers.
@@ -195,7 +155,7 @@ impl Dispatcher {
                     return self.store.outbox_finish(&entry, PushFinal::Failed { reason }, now).await;
                 }
                 record_outcome(name, "retry");
-                let delay = retry_delay(&self.config, entry.attempts, retry_after, &mut rand::thread_rng());
+                let delay = self.config.backoff.delay(entry.attempts, retry_after, &mut rand::thread_rng());
                 let attempts = entry.attempts;
                 self.store.outbox_retry(&entry, attempts, now.saturating_add(delay.as_millis() as i64)).await
             }
@@ -205,23 +165,4 @@ impl Dispatcher {
 
 fn record_outcome(provider: &'static str, outcome: &'static str) {
     metrics::counter!("kabao_pushes_total", "provider" => provider, "outcome" => outcome).increment(1);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::SeedableRng;
-
-    #[test]
-    fn retry_delays_grow_stay_bounded_and_honour_retry_after() {
-        let config = DispatchConfig::default();
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        for attempts in 1..40 {
-            let window = config.backoff_base.saturating_mul(1 << (attempts - 1).min(20)).min(config.backoff_max);
-            let delay = retry_delay(&config, attempts, None, &mut rng);
-            assert!(delay >= window / 2 && delay <= window, "attempt {attempts}: {delay:?} outside {window:?}");
-        }
-        let long = Duration::from_secs(3_600);
-        assert_eq!(retry_delay(&config, 1, Some(long), &mut rng), long, "never sooner than Retry-After");
-    }
 }

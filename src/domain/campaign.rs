@@ -470,6 +470,9 @@ impl CampaignDoc {
                 .map(|n| integer("coupon.valid_for_s", &n, 0, MAX_COUNT / 1000))
                 .transpose()?,
         };
+        // API.md: a coupon whose push cannot fit the providers' 4 096 bytes is refused here.
+        crate::dispatch::payload::check_coupon_fits(&coupon)
+            .map_err(|(field, message)| FieldError::new(field, message))?;
 
         let docs = required("fences", self.fences)?;
         if docs.is_empty() || docs.len() > MAX_FENCES {
@@ -697,6 +700,13 @@ mod tests {
             (with("status", json!("archived")), "status"),
             (with("max_accuracy_m", json!(-5)), "max_accuracy_m"),
             (with("name", json!("x".repeat(MAX_TEXT_CHARS + 1))), "name"),
+            // Each text alone is allowed, but together the push is over 4 096 bytes.
+            (with("coupon.body", json!("b".repeat(3800))), "coupon.body"),
+            (
+                with("coupon", json!({"title": "t", "body": "b".repeat(1900), "deep_link": "d".repeat(2000)})),
+                "coupon.deep_link",
+            ),
+            (with("coupon", json!({"title": "t", "image_url": "i".repeat(3800)})), "coupon.image_url"),
         ];
         for (doc, field) in cases {
             match validate(&doc) {

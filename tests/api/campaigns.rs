@@ -177,3 +177,22 @@ async fn stats_count_issued_and_redeemed() {
     let stats = app.get("/v1/campaigns/s/stats").await.body;
     assert_eq!((stats["issued"].as_u64(), stats["redeemed"].as_u64()), (Some(2), Some(1)), "{stats}");
 }
+
+#[tokio::test]
+async fn a_coupon_whose_push_cannot_fit_4096_bytes_is_422_on_its_longest_field() {
+    let app = spawn().await;
+    let mut big = campaign("big");
+    big["coupon"] = json!({"title": "t", "body": "b".repeat(1000), "deep_link": "d".repeat(3200)});
+    let reply = app.post("/v1/campaigns", &big).await;
+    reply.assert_error(422, "invalid_field");
+    assert_eq!(reply.field(), Some("coupon.deep_link"));
+    assert!(app.campaign_ids().await.is_empty());
+
+    app.create(&campaign("big")).await;
+    let reply = app.put("/v1/campaigns/big", &big).await;
+    reply.assert_error(422, "invalid_field");
+    assert_eq!(reply.field(), Some("coupon.deep_link"));
+    // Each text well under the 4 096-character limit on its own, and together they fit.
+    big["coupon"]["deep_link"] = json!("d".repeat(2000));
+    assert_eq!(app.put("/v1/campaigns/big", &big).await.status, StatusCode::OK);
+}
