@@ -116,9 +116,10 @@ fn not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("no campaign {id:?}"))
 }
 
-/// A campaign id from the URL; one that cannot exist is simply not found.
+/// A campaign id from the URL. The id rule holds on every route, so an id no campaign could
+/// have is a 422 on `id`, like in a body.
 fn path_id(id: &str) -> Result<CampaignId, ApiError> {
-    CampaignId::parse("id", id).map_err(|_| not_found(id))
+    Ok(CampaignId::parse("id", id)?)
 }
 
 /// Read one campaign.

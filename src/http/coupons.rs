@@ -12,6 +12,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::users::WalletItem;
 use super::{AppState, JsonBody, PathParams};
+use crate::domain::ids::{check_id, MAX_ID_CHARS};
 use crate::domain::CouponId;
 use crate::engine::now_ms;
 
@@ -40,11 +41,13 @@ pub async fn redeem(
     JsonBody(input): JsonBody<RedeemInput>,
 ) -> Result<Json<WalletItem>, ApiError> {
     let merchant_id = match input.merchant_id {
-        Some(m) if !m.is_empty() => m,
-        Some(_) => return Err(ApiError::invalid("merchant_id", "must not be empty")),
+        Some(m) => {
+            check_id("merchant_id", &m, MAX_ID_CHARS)?;
+            m
+        }
         None => return Err(ApiError::invalid("merchant_id", "is required")),
     };
-    let id = CouponId::from_string(&coupon_id);
+    let id = CouponId::parse("coupon_id", &coupon_id)?;
     let store = state.engine.store();
     if let Caller::Client(user) = &caller {
         // A client may redeem only a coupon it holds; look first so another user's coupon is a 403.

@@ -88,9 +88,9 @@ pub async fn put_device(
     let (user, device) = ids;
     // Who may act for this user is decided before the body is read.
     caller.may_act_for(&user)?;
-    let JsonBody(input) = JsonBody::<DeviceInput>::from_request(request, &state).await?;
     let user = UserId::parse("user_id", &user)?;
     let device = DeviceId::parse("device_id", &device)?;
+    let JsonBody(input) = JsonBody::<DeviceInput>::from_request(request, &state).await?;
     let value = input.validate()?;
     state.engine.store().put_device(&user, &device, value.clone()).await?;
     Ok(Json(value))
@@ -110,12 +110,11 @@ pub async fn delete_device(
 ) -> Result<StatusCode, ApiError> {
     let (user, device) = ids;
     caller.may_act_for(&user)?;
-    let not_found = || ApiError::NotFound(format!("user {user:?} has no device {device:?}"));
-    let (Ok(user_id), Ok(device_id)) = (UserId::parse("user_id", &user), DeviceId::parse("device_id", &device)) else {
-        return Err(not_found());
-    };
+    // The id rule holds on every route: an id no request could have created is a 422 naming it.
+    let user_id = UserId::parse("user_id", &user)?;
+    let device_id = DeviceId::parse("device_id", &device)?;
     if !state.engine.store().delete_device(&user_id, &device_id).await? {
-        return Err(not_found());
+        return Err(ApiError::NotFound(format!("user {user:?} has no device {device:?}")));
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -191,10 +190,8 @@ pub async fn wallet(
     PathParams(user): PathParams<String>,
 ) -> Result<Json<Wallet>, ApiError> {
     caller.may_act_for(&user)?;
-    // A user id that cannot exist holds no coupons.
-    let Ok(user_id) = UserId::parse("user_id", &user) else {
-        return Ok(Json(Wallet { coupons: Vec::new() }));
-    };
+    // The id rule holds on every route: an id the pings would refuse is a 422, not an empty wallet.
+    let user_id = UserId::parse("user_id", &user)?;
     let now = now_ms();
     let records = state.engine.store().wallet(&user_id).await?;
     Ok(Json(Wallet { coupons: records.into_iter().map(|r| WalletItem::new(r, now)).collect() }))
