@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 
 use super::auth::Admin;
 use super::error::{ApiError, ErrorBody};
+use super::schemas::CampaignRequest;
 use super::{AppState, JsonBody, PathParams};
 use crate::domain::{CampaignDoc, CampaignId};
 use crate::engine::now_ms;
@@ -33,13 +34,13 @@ fn generate_id() -> CampaignId {
 
 /// Create a campaign.
 #[utoipa::path(post, path = "/v1/campaigns", tag = "campaigns",
-    request_body(content = Object, description = "A campaign (API.md \"Campaigns\")"),
+    request_body = CampaignRequest,
     responses(
-        (status = 201, description = "The stored campaign", body = Object),
-        (status = 400, body = ErrorBody), (status = 422, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 201, description = "The stored campaign", body = CampaignRequest),
+        (status = 422, body = ErrorBody),
         (status = 409, description = "Campaign id taken", body = ErrorBody),
-        (status = 413, body = ErrorBody)),
+        (status = 400, body = ErrorBody), (status = 408, description = "Body too slow", body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn create(
@@ -85,7 +86,8 @@ pub struct CampaignPage {
 /// List campaigns, sorted by id.
 #[utoipa::path(get, path = "/v1/campaigns", tag = "campaigns", params(ListQuery),
     responses((status = 200, body = CampaignPage), (status = 422, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+        (status = 400, description = "A query parameter repeated or not text", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn list(
@@ -125,8 +127,9 @@ fn path_id(id: &str) -> Result<CampaignId, ApiError> {
 /// Read one campaign.
 #[utoipa::path(get, path = "/v1/campaigns/{id}", tag = "campaigns",
     params(("id" = String, Path, description = "Campaign id")),
-    responses((status = 200, body = Object), (status = 404, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 200, body = CampaignRequest), (status = 404, body = ErrorBody),
+        (status = 422, description = "An id no campaign can have", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(campaign_id = %id))]
 pub async fn get_one(
@@ -142,10 +145,11 @@ pub async fn get_one(
 /// Replace a campaign (fences may change; its users' stays are forgotten).
 #[utoipa::path(put, path = "/v1/campaigns/{id}", tag = "campaigns",
     params(("id" = String, Path, description = "Campaign id")),
-    request_body(content = Object, description = "The whole new campaign; `id` may be omitted"),
-    responses((status = 200, description = "The stored campaign", body = Object),
-        (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 413, body = ErrorBody)),
+    request_body(content = CampaignRequest, description = "The whole new campaign; `id` may be omitted"),
+    responses((status = 200, description = "The stored campaign", body = CampaignRequest),
+        (status = 422, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 408, description = "Body too slow", body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(campaign_id = %id))]
 pub async fn replace(
@@ -173,7 +177,8 @@ pub async fn replace(
 #[utoipa::path(delete, path = "/v1/campaigns/{id}", tag = "campaigns",
     params(("id" = String, Path, description = "Campaign id")),
     responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+        (status = 422, description = "An id no campaign can have", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(campaign_id = %id))]
 pub async fn delete(
@@ -205,7 +210,8 @@ pub struct StatsReply {
 #[utoipa::path(get, path = "/v1/campaigns/{id}/stats", tag = "campaigns",
     params(("id" = String, Path, description = "Campaign id")),
     responses((status = 200, body = StatsReply), (status = 404, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+        (status = 422, description = "An id no campaign can have", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(campaign_id = %id))]
 pub async fn stats(

@@ -30,8 +30,9 @@ pub struct RedeemInput {
     responses((status = 200, description = "Redeemed", body = WalletItem),
         (status = 404, body = ErrorBody), (status = 409, description = "Already redeemed", body = ErrorBody),
         (status = 410, description = "Past expiry", body = ErrorBody),
-        (status = 422, description = "Another merchant", body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+        (status = 422, description = "Another merchant, or an id breaking the id rule", body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 408, description = "Body too slow", body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(coupon_id = %coupon_id))]
 pub async fn redeem(

@@ -27,6 +27,7 @@ pub mod openapi;
 pub mod ops;
 pub mod pings;
 pub mod rate_limit;
+pub mod schemas;
 pub mod serve;
 pub mod users;
 

@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 use super::admission::TicketHandle;
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, ErrorObject};
+use super::schemas::PingsRequest;
 use super::{body_bytes, AppState};
 use crate::domain::error::classify;
 use crate::domain::{InputError, Ping, PingClock, PingInput};
@@ -227,12 +228,10 @@ fn parse_body(bytes: &[u8], clock: PingClock) -> Result<Parsed, ApiError> {
 
 /// Ingest location pings.
 #[utoipa::path(post, path = "/v1/pings", tag = "pings",
-    request_body(content = Object, description = "One ping `{user_id, lat, lon, ts_ms?, accuracy_m?, speed_mps?, mocked?}` \
-        or `{\"pings\": [...]}` with up to 10 000"),
-    responses((status = 200, body = PingsReply),
-        (status = 400, body = ErrorBody), (status = 422, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)),
+    request_body(content = PingsRequest, description = "One ping, or `{\"pings\": [...]}` with up to 10 000"),
+    responses((status = 200, body = PingsReply), (status = 422, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 408, description = "Body too slow", body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(pings))]
 pub async fn ingest(

@@ -75,8 +75,9 @@ impl DeviceInput {
     params(("user_id" = String, Path, description = "User id"), ("device_id" = String, Path, description = "Device id")),
     request_body = DeviceInput,
     responses((status = 200, description = "The stored device", body = Object),
-        (status = 400, body = ErrorBody), (status = 422, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+        (status = 422, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 408, description = "Body too slow", body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(user_id = %ids.0, device_id = %ids.1))]
 pub async fn put_device(
@@ -100,7 +101,8 @@ pub async fn put_device(
 #[utoipa::path(delete, path = "/v1/users/{user_id}/devices/{device_id}", tag = "devices",
     params(("user_id" = String, Path, description = "User id"), ("device_id" = String, Path, description = "Device id")),
     responses((status = 204, description = "Removed"), (status = 404, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+        (status = 422, description = "An id breaking the id rule", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(user_id = %ids.0, device_id = %ids.1))]
 pub async fn delete_device(
@@ -181,7 +183,9 @@ pub struct Wallet {
 /// A user's coupons, newest first.
 #[utoipa::path(get, path = "/v1/users/{user_id}/coupons", tag = "wallet",
     params(("user_id" = String, Path, description = "User id")),
-    responses((status = 200, body = Wallet), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 200, body = Wallet),
+        (status = 422, description = "An id breaking the id rule", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(user_id = %user))]
 pub async fn wallet(

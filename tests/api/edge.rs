@@ -210,3 +210,39 @@ async fn a_full_batch_fits_the_smallest_ping_budget() {
     assert_eq!(reply.status, 200, "{}", reply.text);
     assert_eq!(reply.body["accepted"], 10_000);
 }
+
+#[tokio::test]
+async fn openapi_publishes_request_schemas_and_the_edges_statuses() {
+    let app = spawn().await;
+    let doc = app.get("/openapi.json").await.body;
+    let schema_ref = |path: &str, method: &str| {
+        doc["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(schema_ref("/v1/pings", "post"), "#/components/schemas/PingsRequest");
+    assert_eq!(schema_ref("/v1/campaigns", "post"), "#/components/schemas/CampaignRequest");
+    assert_eq!(schema_ref("/v1/campaigns/{id}", "put"), "#/components/schemas/CampaignRequest");
+    let schemas = &doc["components"]["schemas"];
+    assert!(schemas["PingsRequest"]["oneOf"].as_array().is_some_and(|v| v.len() == 2), "{}", schemas["PingsRequest"]);
+    let required = schemas["PingRequest"]["required"].as_array().unwrap();
+    for member in ["user_id", "lat", "lon"] {
+        assert!(required.contains(&json!(member)), "{member}");
+    }
+    assert!(schemas["CampaignRequest"]["properties"]["fences"].is_object());
+    let statuses = |path: &str, method: &str| -> Vec<String> {
+        doc["paths"][path][method]["responses"].as_object().unwrap().keys().cloned().collect()
+    };
+    for (path, method) in [
+        ("/v1/users/{user_id}/devices/{device_id}", "put"),
+        ("/v1/coupons/{coupon_id}/redeem", "post"),
+        ("/v1/pings", "post"),
+    ] {
+        for status in ["400", "401", "403", "408", "413", "422", "429", "503"] {
+            assert!(statuses(path, method).contains(&status.to_owned()), "{method} {path} {status}");
+        }
+    }
+    assert!(statuses("/v1/campaigns", "get").contains(&"400".to_owned()));
+    assert!(statuses("/v1/users/{user_id}/coupons", "get").contains(&"422".to_owned()));
+}
