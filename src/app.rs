@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, StoreChoice};
+use crate::config::{Config, EdgeConfig, StoreChoice};
 use crate::dispatch::worker::{DispatchConfig, Dispatcher};
 use crate::engine::Engine;
 use crate::http::{router, AppState};
@@ -36,6 +36,8 @@ pub struct Application {
     tasks: TaskTracker,
     /// Requests in flight get this long after shutdown starts.
     grace: Duration,
+    /// Connection bounds of the serving loop.
+    edge: EdgeConfig,
 }
 
 impl Application {
@@ -61,7 +63,16 @@ impl Application {
         let listener = TcpListener::bind(&config.listen).await.with_context(|| format!("binding {}", config.listen))?;
         let local_addr = listener.local_addr().context("reading the bound address")?;
         let router = router(AppState::new(engine.clone(), &config));
-        Ok(Self { listener, local_addr, router, engine, shutdown, tasks, grace: config.shutdown_grace })
+        Ok(Self {
+            listener,
+            local_addr,
+            router,
+            engine,
+            shutdown,
+            tasks,
+            grace: config.shutdown_grace,
+            edge: config.edge,
+        })
     }
 
     /// The bound address.
@@ -81,22 +92,18 @@ impl Application {
 
     /// Serves until `signal` resolves; then stops accepting, lets requests in flight finish for
     /// up to the grace period, and stops the background tasks.
+    ///
+    /// Serving is kabao's own accept loop ([`crate::http::serve`]): connection cap, header-read
+    /// and idle timeouts, accept errors backed off.
     pub async fn run_until_stopped(self, signal: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Self { listener, router, shutdown, tasks, grace, .. } = self;
+        let Self { listener, router, shutdown, tasks, grace, edge, .. } = self;
         let stop = shutdown.clone();
         tokio::spawn(async move {
             signal.await;
             tracing::info!("shutting down: no new connections; draining requests in flight");
             stop.cancel();
         });
-        let draining = shutdown.clone();
-        let serve = axum::serve(listener, router).with_graceful_shutdown(async move { draining.cancelled().await });
-        tokio::select! {
-            result = serve => result.context("serving")?,
-            _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!(grace_s = grace.as_secs(), "requests still in flight at the shutdown deadline; dropping them");
-            }
-        }
+        crate::http::serve::serve(listener, router, edge, shutdown.clone(), grace).await.context("serving")?;
         shutdown.cancel();
         tasks.close();
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {

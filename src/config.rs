@@ -126,10 +126,10 @@ pub struct ServeArgs {
     /// Attempts before a push goes to the dead-letter list. Default 8.
     #[arg(long, env = "KABAO_PUSH_MAX_ATTEMPTS", value_name = "N")]
     pub push_max_attempts: Option<u32>,
-    /// Largest campaign request body. Default 16777216 (16 MiB).
+    /// Largest campaign request body. Default 134217728 (128 MiB).
     #[arg(long, env = "KABAO_CAMPAIGN_BODY_LIMIT_BYTES", value_name = "BYTES")]
     pub campaign_body_limit_bytes: Option<usize>,
-    /// Largest body of any other request (pings, devices, redemptions). Default 1048576 (1 MiB).
+    /// Largest body of any other request (pings, devices, redemptions). Default 4194304 (4 MiB).
     #[arg(long, env = "KABAO_PING_BODY_LIMIT_BYTES", value_name = "BYTES")]
     pub ping_body_limit_bytes: Option<usize>,
     /// Requests served at once; more are refused with 429 `overloaded`. Default 1024.
@@ -141,6 +141,62 @@ pub struct ServeArgs {
     /// On shutdown, requests in flight get this long to finish. Default 10.
     #[arg(long, env = "KABAO_SHUTDOWN_GRACE_S", value_name = "SECONDS")]
     pub shutdown_grace_s: Option<u64>,
+
+    // --- Secrets, JWTs, rate limits and the connection edge (issue 10) ---
+    /// File holding the admin token (a trailing newline is trimmed); not with --admin-token.
+    #[arg(long, env = "KABAO_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// File holding the client secret (a trailing newline is trimmed); not with --client-secret.
+    #[arg(long, env = "KABAO_CLIENT_SECRET_FILE", value_name = "FILE")]
+    pub client_secret_file: Option<PathBuf>,
+    /// The previous client secret, still accepted for verifying JWTs during a rotation.
+    #[arg(long, env = "KABAO_CLIENT_SECRET_PREVIOUS", value_name = "SECRET", hide_env_values = true)]
+    pub client_secret_previous: Option<String>,
+    /// File holding the previous client secret; not with --client-secret-previous.
+    #[arg(long, env = "KABAO_CLIENT_SECRET_PREVIOUS_FILE", value_name = "FILE")]
+    pub client_secret_previous_file: Option<PathBuf>,
+    /// Longest accepted client JWT lifetime (`exp − iat`); tokens without `iat` are refused
+    /// while it is set; 0 = no maximum (and no `iat` needed). Default 86400.
+    #[arg(long, env = "KABAO_JWT_MAX_LIFETIME_S", value_name = "SECONDS")]
+    pub jwt_max_lifetime_s: Option<u64>,
+    /// When set, a client JWT's `aud` must contain it. Default: any `aud`, or none, is accepted.
+    #[arg(long, env = "KABAO_JWT_AUDIENCE", value_name = "AUD")]
+    pub jwt_audience: Option<String>,
+    /// When set, a client JWT's `iss` must equal it. Default: not checked.
+    #[arg(long, env = "KABAO_JWT_ISSUER", value_name = "ISS")]
+    pub jwt_issuer: Option<String>,
+    /// Client-token requests per user per second (burst 10×); 0 = off. Default 5.
+    #[arg(long, env = "KABAO_RATE_LIMIT_REQUESTS_PER_USER_PER_S", value_name = "N")]
+    pub rate_limit_requests_per_user_per_s: Option<f64>,
+    /// Requests per source address per second (burst 10×); 0 = off. Default 0.
+    #[arg(long, env = "KABAO_RATE_LIMIT_REQUESTS_PER_IP_PER_S", value_name = "N")]
+    pub rate_limit_requests_per_ip_per_s: Option<f64>,
+    /// Redemption attempts per user per minute (burst the same); 0 = off. Default 10.
+    #[arg(long, env = "KABAO_RATE_LIMIT_REDEEMS_PER_USER_PER_MIN", value_name = "N")]
+    pub rate_limit_redeems_per_user_per_min: Option<f64>,
+    /// A connection whose request head is not complete this long after it could start is
+    /// closed; for HTTP/1 this also bounds an idle keep-alive connection. Default 10.
+    #[arg(long, env = "KABAO_HEADER_READ_TIMEOUT_S", value_name = "SECONDS")]
+    pub header_read_timeout_s: Option<u64>,
+    /// A connection that moves no byte either way for this long is closed. Default 60.
+    #[arg(long, env = "KABAO_IDLE_TIMEOUT_S", value_name = "SECONDS")]
+    pub idle_timeout_s: Option<u64>,
+    /// Slowest accepted request body, after a grace of `body_read_grace_s`. Default 16384.
+    #[arg(long, env = "KABAO_BODY_MIN_BYTES_PER_S", value_name = "BYTES")]
+    pub body_min_bytes_per_s: Option<u64>,
+    /// Seconds a body may take before its minimum rate applies. Default 5.
+    #[arg(long, env = "KABAO_BODY_READ_GRACE_S", value_name = "SECONDS")]
+    pub body_read_grace_s: Option<u64>,
+    /// Most open connections; the rest wait in the listen backlog. Default: 80 % of the
+    /// process's file limit (raised to its hard limit at start), at most 65536.
+    #[arg(long, env = "KABAO_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Request body bytes held in memory at once, over all requests. Default 268435456 (256 MiB).
+    #[arg(long, env = "KABAO_MAX_IN_FLIGHT_BODY_BYTES", value_name = "BYTES")]
+    pub max_in_flight_body_bytes: Option<u64>,
+    /// Pings being applied at once, over all requests. Default 100000.
+    #[arg(long, env = "KABAO_MAX_IN_FLIGHT_PINGS", value_name = "N")]
+    pub max_in_flight_pings: Option<u64>,
 }
 
 /// A secret string (token, key). Its `Debug` prints `[redacted]`, so logging a config that
@@ -186,11 +242,22 @@ pub struct HttpConfig {
     pub request_timeout: Duration,
 }
 
+impl HttpConfig {
+    /// The body limit of the route at `path`: campaign writes have their own.
+    pub fn body_limit_for(&self, path: &str) -> usize {
+        if path == "/v1/campaigns" || path.starts_with("/v1/campaigns/") {
+            self.campaign_body_limit_bytes
+        } else {
+            self.ping_body_limit_bytes
+        }
+    }
+}
+
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
-            campaign_body_limit_bytes: 16 * 1024 * 1024,
-            ping_body_limit_bytes: 1024 * 1024,
+            campaign_body_limit_bytes: 128 * 1024 * 1024,
+            ping_body_limit_bytes: 4 * 1024 * 1024,
             max_in_flight: 1024,
             request_timeout: Duration::from_secs(30),
         }
@@ -265,6 +332,87 @@ impl Default for PushConfig {
     }
 }
 
+/// Client JWT checks beyond the signature and `exp` (issue 10: lifetime, audience, issuer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtConfig {
+    /// Longest `exp − iat` accepted, seconds; `None` = no maximum. While set, a token without
+    /// `iat` is refused (its lifetime cannot be known).
+    pub max_lifetime_s: Option<u64>,
+    /// When set, `aud` must contain it; when not, any `aud` (or none) is accepted.
+    pub audience: Option<String>,
+    /// When set, `iss` must equal it.
+    pub issuer: Option<String>,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self { max_lifetime_s: Some(86_400), audience: None, issuer: None }
+    }
+}
+
+/// API.md's per-caller rate limits (token buckets, burst 10× the per-second rates); 0 = off.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimitConfig {
+    /// Client-token requests per user per second.
+    pub requests_per_user_per_s: f64,
+    /// Requests per source address per second.
+    pub requests_per_ip_per_s: f64,
+    /// Redemption attempts per user per minute.
+    pub redeems_per_user_per_min: f64,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self { requests_per_user_per_s: 5.0, requests_per_ip_per_s: 0.0, redeems_per_user_per_min: 10.0 }
+    }
+}
+
+/// How connections and the work in flight are bounded, so no client starves another.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdgeConfig {
+    /// Longest request line plus headers kabao answers (more: `431`).
+    pub max_header_bytes: usize,
+    /// Longest request target (path and query; more: `414`).
+    pub max_uri_bytes: usize,
+    /// Most header lines (more: `431`).
+    pub max_headers: usize,
+    /// A request head must be complete this long after the connection could send one.
+    pub header_read_timeout: Duration,
+    /// A connection moving no byte for this long is closed.
+    pub idle_timeout: Duration,
+    /// Slowest body accepted once `body_read_grace` is over, bytes per second.
+    pub body_min_bytes_per_s: u64,
+    /// How long a body may take before its minimum rate applies.
+    pub body_read_grace: Duration,
+    /// Most open connections; `None` = derived from the file limit at start.
+    pub max_connections: Option<usize>,
+    /// Body bytes held at once, all requests together.
+    pub max_in_flight_body_bytes: u64,
+    /// Pings being applied at once, all requests together.
+    pub max_in_flight_pings: u64,
+    /// One caller (a user, or an address) may hold at most `1 / caller_share` of each in-flight
+    /// budget, beyond its first request (which is always admitted when the budget has room).
+    pub caller_share: u64,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 16 * 1024,
+            max_uri_bytes: 8 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_min_bytes_per_s: 16 * 1024,
+            body_read_grace: Duration::from_secs(5),
+            max_connections: None,
+            max_in_flight_body_bytes: 256 * 1024 * 1024,
+            max_in_flight_pings: 100_000,
+            caller_share: 8,
+        }
+    }
+}
+
 /// A resolved configuration: every setting decided.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -288,12 +436,32 @@ pub struct Config {
     pub http: HttpConfig,
     /// On shutdown, how long requests in flight get to finish.
     pub shutdown_grace: Duration,
+    /// A second client secret still accepted for verifying JWTs (a rotation in progress).
+    pub client_secret_previous: Option<Secret>,
+    /// Client JWT lifetime, audience and issuer checks.
+    pub jwt: JwtConfig,
+    /// Per-caller rate limits.
+    pub rate_limits: RateLimitConfig,
+    /// Connection and in-flight bounds.
+    pub edge: EdgeConfig,
 }
 
 impl Config {
     /// A configuration for tests: `127.0.0.1:0`, API.md's defaults, the given secrets.
+    ///
+    /// Rate limits are raised far above API.md's defaults: tests send many requests per user
+    /// quickly, and the tests of the limits themselves set the rates they check.
     pub fn for_tests(admin_token: &str, client_secret: &str) -> Self {
-        Self { admin_token: Secret::new(admin_token), client_secret: Secret::new(client_secret), ..Self::embedded() }
+        Self {
+            admin_token: Secret::new(admin_token),
+            client_secret: Secret::new(client_secret),
+            rate_limits: RateLimitConfig {
+                requests_per_user_per_s: 10_000.0,
+                requests_per_ip_per_s: 0.0,
+                redeems_per_user_per_min: 100_000.0,
+            },
+            ..Self::embedded()
+        }
     }
 
     /// A configuration for a server embedded in another program (`kabao demo`): `127.0.0.1:0`,
@@ -310,6 +478,10 @@ impl Config {
             push: PushConfig::default(),
             http: HttpConfig::default(),
             shutdown_grace: Duration::from_secs(10),
+            client_secret_previous: None,
+            jwt: JwtConfig::default(),
+            rate_limits: RateLimitConfig::default(),
+            edge: EdgeConfig::default(),
         }
     }
 
@@ -399,16 +571,76 @@ impl Config {
         let listen = normalize_listen(pick!(listen).unwrap_or_else(|| "127.0.0.1:8080".into()));
         check_listen(&listen)?;
 
-        let (admin_token, admin_token_generated) = match pick!(admin_token) {
-            Some(t) if t.is_empty() => bail!("admin_token must not be empty"),
-            Some(t) => (Secret::new(t), false),
-            None => (Secret::generate(), true),
+        let (admin_token, admin_token_generated) =
+            match secret("admin_token", pick!(admin_token), pick!(admin_token_file).as_deref())? {
+                Some(t) => (t, false),
+                None => (Secret::generate(), true),
+            };
+        let (client_secret, client_secret_generated) =
+            match secret("client_secret", pick!(client_secret), pick!(client_secret_file).as_deref())? {
+                Some(s) => (s, false),
+                None => (Secret::generate(), true),
+            };
+        let client_secret_previous = secret(
+            "client_secret_previous",
+            pick!(client_secret_previous),
+            pick!(client_secret_previous_file).as_deref(),
+        )?;
+
+        let jwt = JwtConfig {
+            max_lifetime_s: match pick!(jwt_max_lifetime_s) {
+                Some(0) => None,
+                Some(n) => Some(n),
+                None => JwtConfig::default().max_lifetime_s,
+            },
+            audience: pick!(jwt_audience).filter(|a| !a.is_empty()),
+            issuer: pick!(jwt_issuer).filter(|i| !i.is_empty()),
         };
-        let (client_secret, client_secret_generated) = match pick!(client_secret) {
-            Some(s) if s.is_empty() => bail!("client_secret must not be empty"),
-            Some(s) => (Secret::new(s), false),
-            None => (Secret::generate(), true),
+        let rate_defaults = RateLimitConfig::default();
+        let rate_limits = RateLimitConfig {
+            requests_per_user_per_s: pick!(rate_limit_requests_per_user_per_s)
+                .unwrap_or(rate_defaults.requests_per_user_per_s),
+            requests_per_ip_per_s: pick!(rate_limit_requests_per_ip_per_s)
+                .unwrap_or(rate_defaults.requests_per_ip_per_s),
+            redeems_per_user_per_min: pick!(rate_limit_redeems_per_user_per_min)
+                .unwrap_or(rate_defaults.redeems_per_user_per_min),
         };
+        for (name, rate) in [
+            ("rate_limit_requests_per_user_per_s", rate_limits.requests_per_user_per_s),
+            ("rate_limit_requests_per_ip_per_s", rate_limits.requests_per_ip_per_s),
+            ("rate_limit_redeems_per_user_per_min", rate_limits.redeems_per_user_per_min),
+        ] {
+            if !(rate.is_finite() && rate >= 0.0) {
+                bail!("{name} must be a non-negative number (0 turns the limit off)");
+            }
+        }
+        let edge_defaults = EdgeConfig::default();
+        let edge = EdgeConfig {
+            header_read_timeout: pick!(header_read_timeout_s)
+                .map(Duration::from_secs)
+                .unwrap_or(edge_defaults.header_read_timeout),
+            idle_timeout: pick!(idle_timeout_s).map(Duration::from_secs).unwrap_or(edge_defaults.idle_timeout),
+            body_min_bytes_per_s: pick!(body_min_bytes_per_s).unwrap_or(edge_defaults.body_min_bytes_per_s),
+            body_read_grace: pick!(body_read_grace_s).map(Duration::from_secs).unwrap_or(edge_defaults.body_read_grace),
+            max_connections: pick!(max_connections).or(edge_defaults.max_connections),
+            max_in_flight_body_bytes: pick!(max_in_flight_body_bytes).unwrap_or(edge_defaults.max_in_flight_body_bytes),
+            max_in_flight_pings: pick!(max_in_flight_pings).unwrap_or(edge_defaults.max_in_flight_pings),
+            ..edge_defaults
+        };
+        if edge.header_read_timeout.is_zero() || edge.idle_timeout.is_zero() {
+            bail!("header_read_timeout_s and idle_timeout_s must be at least 1");
+        }
+        if edge.max_connections == Some(0) {
+            bail!("max_connections must be at least 1");
+        }
+        if (edge.max_in_flight_body_bytes as u128)
+            < http.campaign_body_limit_bytes.max(http.ping_body_limit_bytes) as u128
+        {
+            bail!("max_in_flight_body_bytes must be at least the largest body limit, or no such body is ever admitted");
+        }
+        if edge.max_in_flight_pings < crate::http::pings::MAX_BATCH as u64 {
+            bail!("max_in_flight_pings must be at least 10000 (one full batch)");
+        }
         Ok(Self {
             listen,
             admin_token,
@@ -420,8 +652,38 @@ impl Config {
             push,
             http,
             shutdown_grace: Duration::from_secs(pick!(shutdown_grace_s).unwrap_or(10)),
+            client_secret_previous,
+            jwt,
+            rate_limits,
+            edge,
         })
     }
+}
+
+/// A secret given as a value or as a file (not both). A file's trailing newline (`\n` or
+/// `\r\n`, as editors and `echo` add) is trimmed. Errors name the setting and the file, never
+/// the value.
+fn secret(name: &str, value: Option<String>, file: Option<&Path>) -> anyhow::Result<Option<Secret>> {
+    let value = match (value, file) {
+        (Some(_), Some(_)) => bail!("{name} is given both as a value and as a file ({name}_file); give one"),
+        (Some(v), None) => v,
+        (None, Some(path)) => {
+            let mut text =
+                std::fs::read_to_string(path).with_context(|| format!("reading {name}_file {}", path.display()))?;
+            if text.ends_with('\n') {
+                text.pop();
+                if text.ends_with('\r') {
+                    text.pop();
+                }
+            }
+            text
+        }
+        (None, None) => return Ok(None),
+    };
+    if value.is_empty() {
+        bail!("{name} must not be empty");
+    }
+    Ok(Some(Secret::new(value)))
 }
 
 fn read_file(path: &Path) -> anyhow::Result<ServeArgs> {
@@ -469,8 +731,75 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:8080");
         assert_eq!(c.engine, EngineConfig::default());
         assert!(c.admin_token_generated && c.client_secret_generated);
-        assert_eq!(c.http.campaign_body_limit_bytes, 16 << 20);
-        assert_eq!(c.http.ping_body_limit_bytes, 1 << 20);
+        assert_eq!(c.http.campaign_body_limit_bytes, 128 << 20);
+        assert_eq!(c.http.ping_body_limit_bytes, 4 << 20);
+        assert_eq!(c.rate_limits, RateLimitConfig::default());
+        assert_eq!(c.rate_limits.requests_per_user_per_s, 5.0);
+        assert_eq!(c.jwt.max_lifetime_s, Some(86_400));
+        assert!(c.client_secret_previous.is_none());
+    }
+
+    #[test]
+    fn secrets_from_files_are_trimmed_and_exclusive() {
+        let dir = std::env::temp_dir().join(format!("kabao-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("admin");
+        std::fs::write(&token, "from-file\n").unwrap();
+        let previous = dir.join("previous");
+        std::fs::write(&previous, "old-secret\r\n").unwrap();
+        let c = Config::resolve(
+            args(&[
+                "--admin-token-file",
+                token.to_str().unwrap(),
+                "--client-secret",
+                "new",
+                "--client-secret-previous-file",
+                previous.to_str().unwrap(),
+            ]),
+            ServeArgs::default(),
+        )
+        .unwrap();
+        assert_eq!(c.admin_token.expose(), "from-file");
+        assert!(!c.admin_token_generated);
+        assert_eq!(c.client_secret_previous.as_ref().unwrap().expose(), "old-secret");
+
+        let both = Config::resolve(
+            args(&["--admin-token", "x", "--admin-token-file", token.to_str().unwrap()]),
+            ServeArgs::default(),
+        )
+        .unwrap_err();
+        assert!(both.to_string().contains("both"), "{both}");
+        assert!(!both.to_string().contains("from-file"));
+        let missing =
+            Config::resolve(args(&["--client-secret-file", "/nonexistent/kabao"]), ServeArgs::default()).unwrap_err();
+        assert!(format!("{missing:#}").contains("client_secret_file"));
+        std::fs::write(&token, "\n").unwrap();
+        let empty = Config::resolve(args(&["--admin-token-file", token.to_str().unwrap()]), ServeArgs::default());
+        assert!(empty.is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn jwt_and_rate_limit_settings() {
+        let c = Config::resolve(
+            args(&[
+                "--jwt-max-lifetime-s",
+                "0",
+                "--jwt-audience",
+                "kabao",
+                "--rate-limit-requests-per-ip-per-s",
+                "20",
+                "--rate-limit-redeems-per-user-per-min",
+                "0",
+            ]),
+            ServeArgs::default(),
+        )
+        .unwrap();
+        assert_eq!(c.jwt.max_lifetime_s, None);
+        assert_eq!(c.jwt.audience.as_deref(), Some("kabao"));
+        assert_eq!(c.rate_limits.requests_per_ip_per_s, 20.0);
+        assert_eq!(c.rate_limits.redeems_per_user_per_min, 0.0);
+        assert!(Config::resolve(args(&["--rate-limit-requests-per-user-per-s=-1"]), ServeArgs::default()).is_err());
     }
 
     #[test]
@@ -528,7 +857,8 @@ mod tests {
 
     #[test]
     fn secrets_never_show_in_debug() {
-        let c = Config::for_tests("admin-sekrit", "client-sekrit");
+        let mut c = Config::for_tests("admin-sekrit", "client-sekrit");
+        c.client_secret_previous = Some(Secret::new("previous-sekrit"));
         let shown = format!("{c:?}");
         assert!(!shown.contains("sekrit"), "{shown}");
         assert!(shown.contains("[redacted]"));

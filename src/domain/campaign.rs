@@ -446,9 +446,7 @@ impl CampaignDoc {
         let name = text("name", self.name)?;
         let merchant = match self.merchant {
             Some(m) => {
-                if m.id.is_empty() || m.id.chars().count() > 128 {
-                    return Err(FieldError::new("merchant.id", "must be 1 to 128 characters"));
-                }
+                super::ids::check_id("merchant.id", &m.id, super::ids::MAX_ID_CHARS)?;
                 text("merchant.name", m.name.clone())?;
                 Some(m)
             }

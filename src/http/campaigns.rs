@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 
 use super::auth::Admin;
 use super::error::{ApiError, ErrorBody};
+use super::schemas::CampaignRequest;
 use super::{AppState, JsonBody, PathParams};
 use crate::domain::{CampaignDoc, CampaignId};
 use crate::engine::now_ms;
@@ -33,13 +34,13 @@ fn generate_id() -> CampaignId {
 
 /// Create a campaign.
 #[utoipa::path(post, path = "/v1/campaigns", tag = "campaigns",
-    request_body(content = Object, description = "A campaign (API.md \"Campaigns\")"),
+    request_body = CampaignRequest,
     responses(
-        (status = 201, description = "The stored campaign", body = Object),
-        (status = 400, body = ErrorBody), (status = 422, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 201, description = "The stored campaign", body = CampaignRequest),
+        (status = 422, body = ErrorBody),
         (status = 409, description = "Campaign id taken", body = ErrorBody),
-        (status = 413, body = ErrorBody)),
+        (status = 400, body = ErrorBody), (status = 408, description = "Body too slow", body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn create(
@@ -85,7 +86,8 @@ pub struct CampaignPage {
 /// List campaigns, sorted by id.
 #[utoipa::path(get, path = "/v1/campaigns", tag = "campaigns", params(ListQuery),
     responses((status = 200, body = CampaignPage), (status = 422, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+        (status = 400, description = "A query parameter repeated or not text", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all)]
 pub async fn list(
@@ -116,16 +118,18 @@ fn not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("no campaign {id:?}"))
 }
 
-/// A campaign id from the URL; one that cannot exist is simply not found.
+/// A campaign id from the URL. The id rule holds on every route, so an id no campaign could
+/// have is a 422 on `id`, like in a body.
 fn path_id(id: &str) -> Result<CampaignId, ApiError> {
-    CampaignId::parse("id", id).map_err(|_| not_found(id))
+    Ok(CampaignId::parse("id", id)?)
 }
 
 /// Read one campaign.
 #[utoipa::path(get, path = "/v1/campaigns/{id}", tag = "campaigns",
     params(("id" = String, Path, description = "Campaign id")),
-    responses((status = 200, body = Object), (status = 404, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 200, body = CampaignRequest), (status = 404, body = ErrorBody),
+        (status = 422, description = "An id no campaign can have", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(campaign_id = %id))]
 pub async fn get_one(
@@ -141,10 +145,11 @@ pub async fn get_one(
 /// Replace a campaign (fences may change; its users' stays are forgotten).
 #[utoipa::path(put, path = "/v1/campaigns/{id}", tag = "campaigns",
     params(("id" = String, Path, description = "Campaign id")),
-    request_body(content = Object, description = "The whole new campaign; `id` may be omitted"),
-    responses((status = 200, description = "The stored campaign", body = Object),
-        (status = 400, body = ErrorBody), (status = 422, body = ErrorBody), (status = 404, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 413, body = ErrorBody)),
+    request_body(content = CampaignRequest, description = "The whole new campaign; `id` may be omitted"),
+    responses((status = 200, description = "The stored campaign", body = CampaignRequest),
+        (status = 422, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 408, description = "Body too slow", body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(campaign_id = %id))]
 pub async fn replace(
@@ -172,7 +177,8 @@ pub async fn replace(
 #[utoipa::path(delete, path = "/v1/campaigns/{id}", tag = "campaigns",
     params(("id" = String, Path, description = "Campaign id")),
     responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+        (status = 422, description = "An id no campaign can have", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(campaign_id = %id))]
 pub async fn delete(
@@ -225,7 +231,8 @@ impl From<crate::store::PushStats> for PushCounts {
 #[utoipa::path(get, path = "/v1/campaigns/{id}/stats", tag = "campaigns",
     params(("id" = String, Path, description = "Campaign id")),
     responses((status = 200, body = StatsReply), (status = 404, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+        (status = 422, description = "An id no campaign can have", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(campaign_id = %id))]
 pub async fn stats(

@@ -12,6 +12,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::users::WalletItem;
 use super::{AppState, JsonBody, PathParams};
+use crate::domain::ids::{check_id, MAX_ID_CHARS};
 use crate::domain::CouponId;
 use crate::engine::now_ms;
 
@@ -29,8 +30,9 @@ pub struct RedeemInput {
     responses((status = 200, description = "Redeemed", body = WalletItem),
         (status = 404, body = ErrorBody), (status = 409, description = "Already redeemed", body = ErrorBody),
         (status = 410, description = "Past expiry", body = ErrorBody),
-        (status = 422, description = "Another merchant", body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+        (status = 422, description = "Another merchant, or an id breaking the id rule", body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 408, description = "Body too slow", body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(coupon_id = %coupon_id))]
 pub async fn redeem(
@@ -40,11 +42,13 @@ pub async fn redeem(
     JsonBody(input): JsonBody<RedeemInput>,
 ) -> Result<Json<WalletItem>, ApiError> {
     let merchant_id = match input.merchant_id {
-        Some(m) if !m.is_empty() => m,
-        Some(_) => return Err(ApiError::invalid("merchant_id", "must not be empty")),
+        Some(m) => {
+            check_id("merchant_id", &m, MAX_ID_CHARS)?;
+            m
+        }
         None => return Err(ApiError::invalid("merchant_id", "is required")),
     };
-    let id = CouponId::from_string(&coupon_id);
+    let id = CouponId::parse("coupon_id", &coupon_id)?;
     let store = state.engine.store();
     if let Caller::Client(user) = &caller {
         // A client may redeem only a coupon it holds; look first so another user's coupon is a 403.

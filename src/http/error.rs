@@ -53,6 +53,25 @@ pub enum ApiError {
     /// Too many requests in flight (`429 overloaded`).
     #[error("the server is at capacity; retry shortly")]
     Overloaded,
+    /// A per-caller rate limit is exhausted (`429 rate_limited`); `Retry-After` says when a
+    /// request is allowed again.
+    #[error("too many requests; retry after {retry_after_s} s")]
+    RateLimited {
+        /// Whole seconds until the bucket has a token again (≥ 1).
+        retry_after_s: u64,
+    },
+    /// The request head (line and headers) is over the limit (`431 headers_too_large`).
+    #[error("the request headers are larger than this server accepts")]
+    HeadersTooLarge,
+    /// The request target is over the limit (`414 uri_too_long`).
+    #[error("the request URI is longer than this server accepts")]
+    UriTooLong,
+    /// The body arrived slower than the minimum rate (`408 request_timeout`).
+    #[error("the request body arrived too slowly")]
+    RequestTimeout,
+    /// Not an HTTP request hyper could parse (`400 malformed_request`).
+    #[error("the request is not well-formed HTTP")]
+    MalformedRequest,
     /// The store is down, or the request took too long (`503 unavailable`); nothing was applied.
     #[error("{0}")]
     Unavailable(String),
@@ -75,6 +94,11 @@ impl ApiError {
             ApiError::Expired => (StatusCode::GONE, "expired"),
             ApiError::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::Overloaded => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::HeadersTooLarge => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large"),
+            ApiError::UriTooLong => (StatusCode::URI_TOO_LONG, "uri_too_long"),
+            ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            ApiError::MalformedRequest => (StatusCode::BAD_REQUEST, "malformed_request"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -123,6 +147,10 @@ pub struct ErrorObject {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, _) = self.status_and_code();
+        let retry_after = match &self {
+            ApiError::RateLimited { retry_after_s } => u64::from(RETRY_AFTER_S).max(*retry_after_s),
+            _ => u64::from(RETRY_AFTER_S),
+        };
         match &self {
             ApiError::Internal(cause) => tracing::error!(%cause, "request failed"),
             ApiError::Unavailable(cause) => tracing::warn!(%cause, "request failed: unavailable"),
@@ -130,7 +158,7 @@ impl IntoResponse for ApiError {
         }
         let mut response = (status, axum::Json(ErrorBody { error: self.body() })).into_response();
         if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
         }
         response
     }
@@ -198,6 +226,13 @@ mod tests {
         assert!(!body.message.contains("hunter2"));
         let body = ApiError::Unavailable("redis at 10.0.0.1 refused".into()).body();
         assert!(!body.message.contains("10.0.0.1"));
+    }
+
+    #[test]
+    fn rate_limited_carries_the_buckets_retry_after() {
+        let r = ApiError::RateLimited { retry_after_s: 6 }.into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "6");
     }
 
     #[test]

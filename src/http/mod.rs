@@ -8,11 +8,17 @@
 //! | `auth.rs` | admin token and client JWT, who may act for whom |
 //! | `campaigns.rs`, `pings.rs`, `users.rs`, `coupons.rs`, `ops.rs` | the endpoints |
 //! | `openapi.rs` | `/openapi.json`, generated from the handlers' annotations |
+//! | `serve.rs` | the accept loop: connection cap, header-read and idle timeouts, hyper's own error replies |
+//! | `admission.rs` | rate limits, auth and the fair in-flight budget of the API routes |
+//! | `rate_limit.rs` | token buckets behind the [`rate_limit::RateLimiter`] trait |
 //!
-//! Layers, outermost first: tracing → metrics → request timeout → (API routes only) in-flight
-//! bound that sheds with 429 → per-route body limit. Axum's own rejections and the unknown-route
-//! and wrong-method answers all come out in the error format.
+//! Layers, outermost first: tracing → metrics → request head limits (431/414) → request
+//! timeout → (API routes only) admission: rate limits, auth, `Content-Length` over the limit
+//! (413), the in-flight budget that sheds with 429 → campaign-write bound. Bodies are read by
+//! [`body_bytes`] at a minimum rate. Axum's own rejections and the unknown-route and
+//! wrong-method answers all come out in the error format.
 
+pub mod admission;
 pub mod auth;
 pub mod campaigns;
 pub mod coupons;
@@ -20,6 +26,9 @@ pub mod error;
 pub mod openapi;
 pub mod ops;
 pub mod pings;
+pub mod rate_limit;
+pub mod schemas;
+pub mod serve;
 pub mod users;
 
 use std::sync::Arc;
@@ -32,12 +41,13 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
+use http_body_util::BodyExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 use tower_http::trace::TraceLayer;
 
-use crate::config::{Config, HttpConfig};
+use crate::config::{Config, EdgeConfig, HttpConfig, RateLimitConfig};
 use crate::engine::Engine;
 use auth::Auth;
 pub use error::ApiError;
@@ -51,8 +61,14 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     /// Body limits, in-flight bound, timeout.
     pub http: Arc<HttpConfig>,
-    /// Permits for requests in flight; none left means shed with 429.
-    pub in_flight: Arc<Semaphore>,
+    /// Connection, head and body-rate bounds.
+    pub edge: Arc<EdgeConfig>,
+    /// The rates of API.md's per-caller limits.
+    pub rate_limits: Arc<RateLimitConfig>,
+    /// The token buckets behind them (in memory for one node; shared for many).
+    pub rate_limiter: Arc<dyn rate_limit::RateLimiter>,
+    /// Requests, body bytes and pings in flight, in total and per caller.
+    pub in_flight: Arc<admission::InFlight>,
     /// Permits for campaign writes in flight (see [`CAMPAIGN_WRITES_IN_FLIGHT`]).
     pub campaign_writes: Arc<Semaphore>,
     /// Renders `/metrics`.
@@ -62,20 +78,37 @@ pub struct AppState {
 impl AppState {
     /// State for a server running `engine` with `config`'s secrets and limits.
     pub fn new(engine: Arc<Engine>, config: &Config) -> Self {
+        Self::with_rate_limiter(engine, config, Arc::new(rate_limit::MemoryRateLimiter::default()))
+    }
+
+    /// State whose rate limits are kept by `rate_limiter` (e.g. one shared by several nodes).
+    pub fn with_rate_limiter(
+        engine: Arc<Engine>,
+        config: &Config,
+        rate_limiter: Arc<dyn rate_limit::RateLimiter>,
+    ) -> Self {
         Self {
             engine,
-            auth: Arc::new(Auth::new(config.admin_token.clone(), &config.client_secret)),
+            auth: Arc::new(Auth::new(
+                config.admin_token.clone(),
+                &config.client_secret,
+                config.client_secret_previous.as_ref(),
+                &config.jwt,
+            )),
             http: Arc::new(config.http.clone()),
-            in_flight: Arc::new(Semaphore::new(config.http.max_in_flight)),
+            edge: Arc::new(config.edge.clone()),
+            rate_limits: Arc::new(config.rate_limits.clone()),
+            rate_limiter,
+            in_flight: Arc::new(admission::InFlight::new(&config.http, &config.edge)),
             campaign_writes: Arc::new(Semaphore::new(CAMPAIGN_WRITES_IN_FLIGHT)),
             metrics: ops::metrics_handle(),
         }
     }
 }
 
-/// Campaign writes (`POST`, `PUT`) read bodies of up to the campaign limit (16 MiB by default)
+/// Campaign writes (`POST`, `PUT`) read bodies of up to the campaign limit (128 MiB by default)
 /// and the engine applies them one at a time anyway; bounding how many are read at once keeps a
-/// burst of large campaigns from exhausting memory (`max_in_flight` × 16 MiB would not).
+/// burst of large campaigns from exhausting memory.
 pub const CAMPAIGN_WRITES_IN_FLIGHT: usize = 4;
 
 /// Every route of API.md, with its layers.
@@ -94,7 +127,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/coupons/{coupon_id}/redeem", post(coupons::redeem))
         .layer(DefaultBodyLimit::max(state.http.ping_body_limit_bytes));
     // Probes and scrapes are not shed: an overloaded node must still say how it is.
-    let api = campaigns.merge(clients).route_layer(middleware::from_fn_with_state(state.clone(), shed_when_full));
+    let api = campaigns.merge(clients).route_layer(middleware::from_fn_with_state(state.clone(), admission::admit));
     let ops = Router::new()
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
@@ -104,6 +137,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), time_out))
+        .layer(middleware::from_fn_with_state(state.clone(), check_head))
         .layer(middleware::from_fn(record_metrics))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
@@ -117,13 +151,20 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-/// Refuses a request with 429 `overloaded` when `max_in_flight` requests are already being
-/// served, instead of queueing it behind them.
-async fn shed_when_full(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let Ok(_permit) = state.in_flight.clone().try_acquire_owned() else {
-        metrics::counter!("kabao_http_shed_total").increment(1);
-        return ApiError::Overloaded.into_response();
-    };
+/// Refuses a request whose head is over kabao's limits: a request target over `max_uri_bytes`
+/// (414), more than `max_headers` headers or a head over `max_header_bytes` (431).
+async fn check_head(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let edge = &state.edge;
+    let target = request.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target > edge.max_uri_bytes {
+        return ApiError::UriTooLong.into_response();
+    }
+    let headers = request.headers();
+    // Name, value, ": " and CRLF per line, as on the wire.
+    let head_bytes = target + headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum::<usize>();
+    if headers.len() > edge.max_headers || head_bytes > edge.max_header_bytes {
+        return ApiError::HeadersTooLarge.into_response();
+    }
     next.run(request).await
 }
 
@@ -192,8 +233,52 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 /// answers a body that is not with `400 malformed_json`, so a JSON body is read as JSON whatever
 /// it is labelled (`fetch` labels a string body `text/plain`, `curl -d` form-urlencoded) and
 /// anything else fails to parse as JSON, with a 400.
+///
+/// A declared `Content-Length` over the route's limit is refused before a byte is read (413),
+/// and so is a body growing past it. The body must arrive at `body_min_bytes_per_s` once
+/// `body_read_grace` is over (408 otherwise), so a client trickling bytes cannot hold its
+/// share of the server for the whole request timeout. Bytes beyond the declared length (a
+/// chunked body) are taken from the in-flight budget as they arrive.
 pub async fn body_bytes(request: Request, state: &AppState) -> Result<Bytes, ApiError> {
-    Bytes::from_request(request, state).await.map_err(|r| error::from_rejection(r.status(), r.body_text()))
+    let limit = state.http.body_limit_for(request.uri().path());
+    let declared = admission::content_length(&request);
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    let ticket = request.extensions().get::<admission::TicketHandle>().cloned();
+    let mut body = request.into_body();
+    let started = tokio::time::Instant::now();
+    let grace = state.edge.body_read_grace;
+    let min_rate = state.edge.body_min_bytes_per_s.max(1) as f64;
+    let mut bytes = Vec::with_capacity(declared.unwrap_or(0).min(64 * 1024) as usize);
+    loop {
+        // The deadline moves with every byte received: by `grace + n / min_rate` after the
+        // start, `n` bytes must be in.
+        let deadline = started + grace + std::time::Duration::from_secs_f64(bytes.len() as f64 / min_rate);
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                metrics::counter!("kabao_http_slow_bodies_total").increment(1);
+                return Err(ApiError::RequestTimeout);
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::Malformed { message: format!("the body could not be read: {e}"), field: None })
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        if bytes.len() + data.len() > limit {
+            return Err(ApiError::PayloadTooLarge);
+        }
+        if let Some(ticket) = &ticket {
+            let beyond = (bytes.len() + data.len()) as u64;
+            if beyond > ticket.0.bytes() {
+                ticket.0.take_bytes(beyond - ticket.0.bytes())?;
+            }
+        }
+        bytes.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(bytes))
 }
 
 /// One path segment, taken verbatim (percent-decoded); its meaning is checked by the handler.

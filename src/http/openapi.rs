@@ -6,7 +6,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{campaigns, coupons, error, ops, pings, users};
+use super::{campaigns, coupons, error, ops, pings, schemas, users};
 
 /// The API description.
 #[derive(OpenApi)]
@@ -24,6 +24,7 @@ use super::{campaigns, coupons, error, ops, pings, users};
         error::ErrorBody, error::ErrorObject, campaigns::CampaignPage, campaigns::StatsReply, campaigns::PushCounts,
         pings::PingsReply, pings::Rejected, pings::Ignored, pings::Event, pings::CouponTexts,
         users::DeviceInput, users::WalletItem, users::Wallet, coupons::RedeemInput,
+        schemas::PingsRequest, schemas::PingRequest, schemas::PingBatch, schemas::CampaignRequest,
     )),
     modifiers(&BearerAuth),
 )]

@@ -10,8 +10,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
+use super::admission::TicketHandle;
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, ErrorObject};
+use super::schemas::PingsRequest;
 use super::{body_bytes, AppState};
 use crate::domain::error::classify;
 use crate::domain::{InputError, Ping, PingClock, PingInput};
@@ -130,6 +132,12 @@ struct InvalidItem {
 }
 
 fn parse_item(json: &str, clock: PingClock) -> Result<Ping, InvalidItem> {
+    // serde reads a struct from a JSON array too (`[user_id, lat, lon, …]` in member order);
+    // API.md's ping is an object, and only an object.
+    if !json.trim_start().starts_with('{') {
+        let error = InputError::Malformed { message: "a ping must be a JSON object".into(), field: None };
+        return Err(InvalidItem { error, named_user: None });
+    }
     let parsed = (|| {
         let mut de = serde_json::Deserializer::from_str(json);
         let input: PingInput = serde_path_to_error::deserialize(&mut de).map_err(classify)?;
@@ -220,12 +228,10 @@ fn parse_body(bytes: &[u8], clock: PingClock) -> Result<Parsed, ApiError> {
 
 /// Ingest location pings.
 #[utoipa::path(post, path = "/v1/pings", tag = "pings",
-    request_body(content = Object, description = "One ping `{user_id, lat, lon, ts_ms?, accuracy_m?, speed_mps?, mocked?}` \
-        or `{\"pings\": [...]}` with up to 10 000"),
-    responses((status = 200, body = PingsReply),
-        (status = 400, body = ErrorBody), (status = 422, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
-        (status = 413, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)),
+    request_body(content = PingsRequest, description = "One ping, or `{\"pings\": [...]}` with up to 10 000"),
+    responses((status = 200, body = PingsReply), (status = 422, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 408, description = "Body too slow", body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(pings))]
 pub async fn ingest(
@@ -233,9 +239,14 @@ pub async fn ingest(
     State(state): State<AppState>,
     request: Request,
 ) -> Result<Json<PingsReply>, ApiError> {
+    let request_ticket = request.extensions().get::<TicketHandle>().cloned();
     let bytes = body_bytes(request, &state).await?;
     let engine = &state.engine;
     let parsed = parse_body(&bytes, engine.ping_clock(now_ms()))?;
+    // A batch weighs its pings in the in-flight budget, not one request.
+    if let Some(ticket) = request_ticket {
+        ticket.0.take_pings((parsed.valid.len() + parsed.rejected.len()).max(1) as u64)?;
+    }
     // Who may send these pings is decided before what is wrong with them: a client naming
     // another user anywhere in its body, in an invalid item too, is refused whole (API.md: a
     // client token used for another user is 403; batches may mix users only as admin).
@@ -282,6 +293,16 @@ mod tests {
         assert_eq!(fields[0].0, 1);
         assert_eq!(fields[0].1, "malformed_json");
         assert_eq!(fields[1], (2, "invalid_field", Some("pings[2].lat".into())));
+    }
+
+    #[test]
+    fn pings_are_objects_only() {
+        let array = br#"{"pings":[["u",22.5,114.0,null,null,null,null],{"user_id":"u","lat":1,"lon":2}]}"#;
+        let parsed = parse_body(array, CLOCK).ok().unwrap();
+        assert_eq!(parsed.valid.len(), 1);
+        assert_eq!(parsed.rejected[0].index, 0);
+        assert_eq!(parsed.rejected[0].error.code, "malformed_json");
+        assert!(matches!(parse_body(br#"["u",1,2]"#, CLOCK), Err(ApiError::Malformed { .. })));
     }
 
     #[test]

@@ -75,8 +75,9 @@ impl DeviceInput {
     params(("user_id" = String, Path, description = "User id"), ("device_id" = String, Path, description = "Device id")),
     request_body = DeviceInput,
     responses((status = 200, description = "The stored device", body = Object),
-        (status = 400, body = ErrorBody), (status = 422, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+        (status = 422, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 408, description = "Body too slow", body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(user_id = %ids.0, device_id = %ids.1))]
 pub async fn put_device(
@@ -88,9 +89,9 @@ pub async fn put_device(
     let (user, device) = ids;
     // Who may act for this user is decided before the body is read.
     caller.may_act_for(&user)?;
-    let JsonBody(input) = JsonBody::<DeviceInput>::from_request(request, &state).await?;
     let user = UserId::parse("user_id", &user)?;
     let device = DeviceId::parse("device_id", &device)?;
+    let JsonBody(input) = JsonBody::<DeviceInput>::from_request(request, &state).await?;
     let value = input.validate()?;
     state.engine.store().put_device(&user, &device, value.clone()).await?;
     Ok(Json(value))
@@ -100,7 +101,8 @@ pub async fn put_device(
 #[utoipa::path(delete, path = "/v1/users/{user_id}/devices/{device_id}", tag = "devices",
     params(("user_id" = String, Path, description = "User id"), ("device_id" = String, Path, description = "Device id")),
     responses((status = 204, description = "Removed"), (status = 404, body = ErrorBody),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+        (status = 422, description = "An id breaking the id rule", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(user_id = %ids.0, device_id = %ids.1))]
 pub async fn delete_device(
@@ -110,12 +112,11 @@ pub async fn delete_device(
 ) -> Result<StatusCode, ApiError> {
     let (user, device) = ids;
     caller.may_act_for(&user)?;
-    let not_found = || ApiError::NotFound(format!("user {user:?} has no device {device:?}"));
-    let (Ok(user_id), Ok(device_id)) = (UserId::parse("user_id", &user), DeviceId::parse("device_id", &device)) else {
-        return Err(not_found());
-    };
+    // The id rule holds on every route: an id no request could have created is a 422 naming it.
+    let user_id = UserId::parse("user_id", &user)?;
+    let device_id = DeviceId::parse("device_id", &device)?;
     if !state.engine.store().delete_device(&user_id, &device_id).await? {
-        return Err(not_found());
+        return Err(ApiError::NotFound(format!("user {user:?} has no device {device:?}")));
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -202,7 +203,9 @@ pub struct Wallet {
 /// A user's coupons, newest first.
 #[utoipa::path(get, path = "/v1/users/{user_id}/coupons", tag = "wallet",
     params(("user_id" = String, Path, description = "User id")),
-    responses((status = 200, body = Wallet), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 200, body = Wallet),
+        (status = 422, description = "An id breaking the id rule", body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
 #[tracing::instrument(skip_all, fields(user_id = %user))]
 pub async fn wallet(
@@ -211,10 +214,8 @@ pub async fn wallet(
     PathParams(user): PathParams<String>,
 ) -> Result<Json<Wallet>, ApiError> {
     caller.may_act_for(&user)?;
-    // A user id that cannot exist holds no coupons.
-    let Ok(user_id) = UserId::parse("user_id", &user) else {
-        return Ok(Json(Wallet { coupons: Vec::new() }));
-    };
+    // The id rule holds on every route: an id the pings would refuse is a 422, not an empty wallet.
+    let user_id = UserId::parse("user_id", &user)?;
     let now = now_ms();
     let records = state.engine.store().wallet(&user_id).await?;
     Ok(Json(Wallet { coupons: records.into_iter().map(|r| WalletItem::new(r, now)).collect() }))

@@ -259,13 +259,17 @@ async fn huge_strings_are_refused() {
 
 #[tokio::test]
 async fn oversized_bodies_are_413() {
-    let app = spawn_with(|c| c.http.campaign_body_limit_bytes = 64 * 1024).await;
+    let app = spawn_with(|c| {
+        c.http.campaign_body_limit_bytes = 64 * 1024;
+        c.http.ping_body_limit_bytes = 1024 * 1024;
+    })
+    .await;
     let mut c = campaign("big");
     c["name"] = json!("n".repeat(100 * 1024));
     app.post("/v1/campaigns", &c).await.assert_error(413, "payload_too_large");
     assert!(app.campaign_ids().await.is_empty());
 
-    // Pings: 1 MiB by default.
+    // Pings: 1 MiB here (4 MiB by default).
     let pings: Vec<_> = (0..9_000).map(|i| json!({"user_id": format!("user-{i:0>100}"), "lat": 0, "lon": 0})).collect();
     let body = json!({ "pings": pings });
     assert!(serde_json::to_vec(&body).unwrap().len() > 1024 * 1024);

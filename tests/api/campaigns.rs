@@ -152,10 +152,17 @@ async fn delete_answers_204_then_404_and_the_id_is_free_again() {
 }
 
 #[tokio::test]
-async fn unknown_and_impossible_ids_are_404() {
+async fn unknown_ids_are_404_and_impossible_ones_422() {
     let app = spawn().await;
     app.get("/v1/campaigns/nope").await.assert_error(404, "not_found");
-    app.get("/v1/campaigns/has%20space").await.assert_error(404, "not_found");
+    app.get("/v1/campaigns/has%20space").await.assert_error(422, "invalid_field");
+    // `..` as a path segment never reaches the server from an URL library; as a body id it is
+    // refused like any id off the pattern.
+    for id in [".", ".."] {
+        let reply = app.post("/v1/campaigns", &campaign(id)).await;
+        reply.assert_error(422, "invalid_field");
+        assert_eq!(reply.field(), Some("id"));
+    }
     app.get("/v1/campaigns/nope/stats").await.assert_error(404, "not_found");
 }
 

@@ -81,7 +81,8 @@ pub async fn spawn_over(tune: impl FnOnce(&mut Config), store: Arc<dyn Store>) -
 
 /// A client JWT for `sub`, expiring `exp_in_s` seconds from now, signed with `secret`.
 pub fn jwt_with(sub: &str, exp_in_s: i64, secret: &str) -> String {
-    let claims = json!({"sub": sub, "exp": now_ms() / 1000 + exp_in_s});
+    let now_s = now_ms() / 1000;
+    let claims = json!({"sub": sub, "exp": now_s + exp_in_s, "iat": now_s});
     encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes())).expect("signs")
 }
 
@@ -377,4 +378,56 @@ delegate_when_up! {
     fn kind(&self) -> &'static str {
         "flaky-memory"
     }
+}
+
+impl TestApp {
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_owned()
+    }
+
+    /// Opens a raw TCP connection to the server.
+    pub async fn connect(&self) -> tokio::net::TcpStream {
+        tokio::net::TcpStream::connect(self.addr()).await.expect("connect")
+    }
+}
+
+/// Reads one HTTP/1 reply from `conn` (head, then `content-length` bytes of body): its status
+/// and body. `None` when the server closed the connection without a reply.
+pub async fn read_reply(conn: &mut tokio::net::TcpStream) -> Option<(u16, Value)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let status: u16 = head.get(9..12)?.parse().ok()?;
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                .unwrap_or(0);
+            while buf.len() < end + 4 + length {
+                let n = conn.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = serde_json::from_slice(&buf[end + 4..end + 4 + length]).unwrap_or(Value::Null);
+            return Some((status, body));
+        }
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Sends `request` on a fresh connection and reads the reply.
+pub async fn raw_exchange(app: &TestApp, request: &[u8]) -> Option<(u16, Value)> {
+    use tokio::io::AsyncWriteExt;
+    let mut conn = app.connect().await;
+    // A server refusing the request may close before reading all of it; its reply is what counts.
+    let _ = conn.write_all(request).await;
+    read_reply(&mut conn).await
 }

@@ -6,6 +6,8 @@ mod bad_input;
 mod campaigns;
 mod contract_audit;
 mod devices_wallet;
+mod edge;
 mod helpers;
+mod limits;
 mod ops;
 mod pings;

@@ -1,0 +1,275 @@
+//! Who gets in, and how much of the server they may hold: the API routes' admission layer.
+//!
+//! In order, for every API request (ops endpoints never pass here):
+//!
+//! 1. the per-address rate limit (`rate_limit_requests_per_ip_per_s`, every caller);
+//! 2. who is calling (401 here, before anything is read);
+//! 3. the per-user limit for client tokens (`rate_limit_requests_per_user_per_s`) and, on the
+//!    redeem route, the redemption limit — the admin token (a trusted gateway) is limited per
+//!    address only;
+//! 4. a declared `Content-Length` over the route's limit: 413 before reading the body;
+//! 5. the in-flight budget ([`InFlight`]): requests, body bytes and pings held at once, in total
+//!    and per caller (a user, or for the admin and anonymous callers a source address). A
+//!    caller may hold at most `1 / caller_share` of each budget, except with its only request
+//!    (so one full batch or one large campaign always fits when the server has room): one
+//!    flood cannot take it all and a well-behaved phone keeps being served.
+//!
+//! Over a rate limit: `429 rate_limited` with the bucket's `Retry-After`; over the budget:
+//! `429 overloaded`; nothing applied either way.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use super::auth::{bearer, Caller};
+use super::error::ApiError;
+use super::rate_limit::{retry_after_s, RateKey};
+use super::AppState;
+use crate::config::{EdgeConfig, HttpConfig};
+
+/// The dimensions of the in-flight budget.
+const REQUESTS: usize = 0;
+const BYTES: usize = 1;
+const PINGS: usize = 2;
+
+/// Amounts in each dimension: requests, body bytes, pings.
+type Amounts = [u64; 3];
+
+/// The in-flight budget: how much work is held at once, in total and per caller.
+pub struct InFlight {
+    limits: Amounts,
+    shares: Amounts,
+    state: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    total: Amounts,
+    /// What each caller holds; a caller holding nothing has no entry (memory stays bounded by
+    /// the requests in flight).
+    callers: HashMap<Arc<str>, Amounts>,
+}
+
+impl InFlight {
+    /// A budget of `max_in_flight` requests and `edge`'s bytes and pings.
+    pub fn new(http: &HttpConfig, edge: &EdgeConfig) -> Self {
+        let limits = [http.max_in_flight as u64, edge.max_in_flight_body_bytes, edge.max_in_flight_pings];
+        let divisor = edge.caller_share.max(1);
+        Self { limits, shares: limits.map(|l| (l / divisor).max(1)), state: Mutex::new(Held::default()) }
+    }
+
+    /// Admits one request of `caller` declaring `bytes` of body, or refuses it.
+    pub fn admit(self: &Arc<Self>, caller: Arc<str>, bytes: u64) -> Result<Ticket, ApiError> {
+        let ticket = Ticket { budget: self.clone(), caller, held: Mutex::new([0; 3]) };
+        ticket.take([1, bytes, 0])?;
+        Ok(ticket)
+    }
+
+    /// What is held now in total (requests, bytes, pings).
+    pub fn held(&self) -> Amounts {
+        self.state.lock().total
+    }
+}
+
+/// What one request holds of the budget; given back when dropped. Shared with the handler
+/// (through the request's extensions) so that body bytes beyond the declared length and the
+/// pings of a batch are taken once known.
+pub struct Ticket {
+    budget: Arc<InFlight>,
+    caller: Arc<str>,
+    held: Mutex<Amounts>,
+}
+
+impl Ticket {
+    fn take(&self, amounts: Amounts) -> Result<(), ApiError> {
+        let budget = &self.budget;
+        let mut state = budget.state.lock();
+        let caller = state.callers.get(&self.caller).copied().unwrap_or_default();
+        let mine = *self.held.lock();
+        // Others' requests of this caller: beyond its only one, a caller keeps to its share.
+        let alone = caller[REQUESTS] - mine[REQUESTS] == 0;
+        for d in 0..3 {
+            if amounts[d] == 0 {
+                continue;
+            }
+            let over_total = state.total[d] + amounts[d] > budget.limits[d];
+            let over_share = !alone && caller[d] + amounts[d] > budget.shares[d];
+            if over_total || over_share {
+                metrics::counter!("kabao_http_shed_total").increment(1);
+                return Err(ApiError::Overloaded);
+            }
+        }
+        add(state.callers.entry(self.caller.clone()).or_default(), &amounts);
+        add(&mut state.total, &amounts);
+        add(&mut self.held.lock(), &amounts);
+        Ok(())
+    }
+
+    /// Takes `n` more body bytes (a body longer than declared, or without a declared length).
+    pub fn take_bytes(&self, n: u64) -> Result<(), ApiError> {
+        let mut amounts = [0; 3];
+        amounts[BYTES] = n;
+        self.take(amounts)
+    }
+
+    /// Takes `n` pings (a batch weighs its pings, not one request).
+    pub fn take_pings(&self, n: u64) -> Result<(), ApiError> {
+        let mut amounts = [0; 3];
+        amounts[PINGS] = n;
+        self.take(amounts)
+    }
+
+    /// Body bytes this request holds.
+    pub fn bytes(&self) -> u64 {
+        self.held.lock()[BYTES]
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let held = *self.held.get_mut();
+        let mut state = self.budget.state.lock();
+        sub(&mut state.total, &held);
+        if let Some(entry) = state.callers.get_mut(&self.caller) {
+            sub(entry, &held);
+            if entry.iter().all(|&a| a == 0) {
+                state.callers.remove(&self.caller);
+            }
+        }
+    }
+}
+
+fn add(to: &mut Amounts, amounts: &Amounts) {
+    to.iter_mut().zip(amounts).for_each(|(t, a)| *t += a);
+}
+
+fn sub(from: &mut Amounts, amounts: &Amounts) {
+    from.iter_mut().zip(amounts).for_each(|(f, a)| *f -= a);
+}
+
+/// The request's ticket, for the handler (absent for requests that skipped admission).
+#[derive(Clone)]
+pub struct TicketHandle(pub Arc<Ticket>);
+
+/// The route whose requests are redemption attempts.
+const REDEEM_ROUTE: &str = "/v1/coupons/{coupon_id}/redeem";
+
+/// The declared body length, when there is one.
+pub fn content_length(request: &Request) -> Option<u64> {
+    request.headers().get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// The admission layer of the API routes (see the module doc).
+pub async fn admit(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    match admission(&state, &mut request).await {
+        Ok(ticket) => {
+            let ticket = Arc::new(ticket);
+            request.extensions_mut().insert(TicketHandle(ticket.clone()));
+            let response = next.run(request).await;
+            drop(ticket);
+            response
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn admission(state: &AppState, request: &mut Request) -> Result<Ticket, ApiError> {
+    let now = Instant::now();
+    // Requests that did not come through the accept loop (none in production) share one
+    // address.
+    let ip = super::serve::peer_addr(request).map(|a| a.ip()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let limits = &state.rate_limits;
+    let per_ip = limits.requests_per_ip_per_s;
+    if per_ip > 0.0 {
+        limit(state, &RateKey::ip(ip), per_ip, per_ip * 10.0, now).await?;
+    }
+    let caller = state.auth.identify(bearer(request.headers())?)?;
+    let fairness_key: Arc<str> = match &caller {
+        Caller::Client(user) => {
+            let per_user = limits.requests_per_user_per_s;
+            if per_user > 0.0 {
+                limit(state, &RateKey::user(user), per_user, per_user * 10.0, now).await?;
+            }
+            let per_min = limits.redeems_per_user_per_min;
+            let redeeming = request.extensions().get::<MatchedPath>().is_some_and(|p| p.as_str() == REDEEM_ROUTE);
+            if redeeming && per_min > 0.0 {
+                limit(state, &RateKey::redeem(user), per_min / 60.0, per_min, now).await?;
+            }
+            format!("user:{user}").into()
+        }
+        Caller::Admin => format!("admin:{ip}").into(),
+    };
+    let body_limit = state.http.body_limit_for(request.uri().path()) as u64;
+    let declared = content_length(request);
+    if declared.is_some_and(|n| n > body_limit) {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    let ticket = state.in_flight.admit(fairness_key, declared.unwrap_or(0))?;
+    request.extensions_mut().insert(caller);
+    Ok(ticket)
+}
+
+async fn limit(state: &AppState, key: &RateKey, rate_per_s: f64, burst: f64, now: Instant) -> Result<(), ApiError> {
+    state.rate_limiter.take(key, rate_per_s, burst.max(1.0), now).await.map_err(|wait| {
+        metrics::counter!("kabao_http_rate_limited_total").increment(1);
+        ApiError::RateLimited { retry_after_s: retry_after_s(wait) }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(requests: usize, pings: u64, share: u64) -> Arc<InFlight> {
+        let http = HttpConfig { max_in_flight: requests, ..HttpConfig::default() };
+        let edge = EdgeConfig { max_in_flight_pings: pings, caller_share: share, ..EdgeConfig::default() };
+        Arc::new(InFlight::new(&http, &edge))
+    }
+
+    #[test]
+    fn one_caller_keeps_to_its_share_and_others_still_get_in() {
+        let b = budget(64, 80_000, 8);
+        let flood: Vec<Ticket> = (0..8).map(|_| b.admit("admin:1.2.3.4".into(), 0).unwrap()).collect();
+        assert!(matches!(b.admit("admin:1.2.3.4".into(), 0), Err(ApiError::Overloaded)));
+        let phone = b.admit("user:u".into(), 200).unwrap();
+        assert_eq!(b.held(), [9, 200, 0]);
+        drop(flood);
+        drop(phone);
+        assert_eq!(b.held(), [0, 0, 0]);
+        assert!(b.state.lock().callers.is_empty());
+    }
+
+    #[test]
+    fn a_callers_only_request_may_be_a_full_batch_but_not_two() {
+        let b = budget(64, 80_000, 8);
+        let first = b.admit("admin:a".into(), 0).unwrap();
+        first.take_pings(10_000).unwrap();
+        let second = b.admit("admin:a".into(), 0).unwrap();
+        assert!(matches!(second.take_pings(10_000), Err(ApiError::Overloaded)));
+        // The total still bounds everyone.
+        let others: Vec<Ticket> = (0..7)
+            .map(|i| {
+                let t = b.admit(format!("admin:{i}").into(), 0).unwrap();
+                t.take_pings(10_000).unwrap();
+                t
+            })
+            .collect();
+        let last = b.admit("user:late".into(), 0).unwrap();
+        assert!(matches!(last.take_pings(1), Err(ApiError::Overloaded)));
+        drop(others);
+        assert!(last.take_pings(1).is_ok());
+    }
+
+    #[test]
+    fn a_zero_budget_admits_nothing() {
+        let b = budget(0, 80_000, 8);
+        assert!(matches!(b.admit("user:u".into(), 0), Err(ApiError::Overloaded)));
+    }
+}
