@@ -17,6 +17,7 @@ use crate::config::{Config, EdgeConfig, StoreChoice};
 use crate::dispatch::worker::{DispatchConfig, Dispatcher};
 use crate::engine::Engine;
 use crate::http::{router, AppState};
+use crate::store::embedded::{EmbeddedConfig, EmbeddedStore};
 use crate::store::memory::MemoryStore;
 use crate::store::Store;
 
@@ -96,7 +97,7 @@ impl Application {
     /// Serving is kabao's own accept loop ([`crate::http::serve`]): connection cap, header-read
     /// and idle timeouts, accept errors backed off.
     pub async fn run_until_stopped(self, signal: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Self { listener, router, shutdown, tasks, grace, edge, .. } = self;
+        let Self { listener, router, shutdown, tasks, grace, edge, engine, .. } = self;
         let stop = shutdown.clone();
         tokio::spawn(async move {
             signal.await;
@@ -108,6 +109,9 @@ impl Application {
         tasks.close();
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             tracing::warn!("background tasks did not stop in time");
+        }
+        if let Err(e) = engine.store().close().await {
+            tracing::warn!(error = %e, "the store did not close cleanly");
         }
         tracing::info!("stopped");
         Ok(())
@@ -121,11 +125,13 @@ pub async fn open_store(choice: &StoreChoice) -> anyhow::Result<Arc<dyn Store>> 
             tracing::info!(store = "memory", "store: in memory only (--ephemeral): everything is lost on exit");
             Ok(Arc::new(MemoryStore::new()))
         }
-        StoreChoice::Embedded { data_dir } => {
-            bail!(
-                "the embedded store ({}) is not available in this build yet; run with --ephemeral",
-                data_dir.display()
-            )
+        StoreChoice::Embedded { data_dir, checkpoint_interval, retention } => {
+            let config = EmbeddedConfig {
+                checkpoint_interval: *checkpoint_interval,
+                retention: *retention,
+                ..EmbeddedConfig::new(data_dir)
+            };
+            Ok(EmbeddedStore::open(config)?)
         }
         StoreChoice::Redis { .. } => {
             bail!("the Redis store is not available in this build yet; run with --ephemeral")

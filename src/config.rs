@@ -73,6 +73,12 @@ pub struct ServeArgs {
     /// Where the embedded store keeps its files (one node, no Redis). Default ./kabao-data.
     #[arg(long, env = "KABAO_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// How often the embedded store writes trigger state that issued nothing (ms). Default 1000.
+    #[arg(long, env = "KABAO_CHECKPOINT_INTERVAL_MS", value_name = "MS")]
+    pub checkpoint_interval_ms: Option<u64>,
+    /// Expired coupons older than this many days are purged from the embedded store. Default 90.
+    #[arg(long, env = "KABAO_COUPON_RETENTION_DAYS", value_name = "DAYS")]
+    pub coupon_retention_days: Option<u64>,
     /// Keep everything in memory only (tests, demos): lost on exit.
     #[arg(long, env = "KABAO_EPHEMERAL", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub ephemeral: Option<bool>,
@@ -274,6 +280,10 @@ pub enum StoreChoice {
     Embedded {
         /// The data directory.
         data_dir: PathBuf,
+        /// How often trigger state that issued nothing is written.
+        checkpoint_interval: Duration,
+        /// Expired coupons older than this are purged.
+        retention: Duration,
     },
     /// A Redis shared by any number of nodes.
     Redis {
@@ -511,7 +521,17 @@ impl Config {
                 StoreChoice::Redis { url: Secret::new(url) }
             }
             (None, true) => StoreChoice::Ephemeral,
-            (None, false) => StoreChoice::Embedded { data_dir: pick!(data_dir).unwrap_or_else(|| "kabao-data".into()) },
+            (None, false) => {
+                let checkpoint_ms = pick!(checkpoint_interval_ms).unwrap_or(1000);
+                if checkpoint_ms == 0 {
+                    bail!("checkpoint_interval_ms must be at least 1");
+                }
+                StoreChoice::Embedded {
+                    data_dir: pick!(data_dir).unwrap_or_else(|| "kabao-data".into()),
+                    checkpoint_interval: Duration::from_millis(checkpoint_ms),
+                    retention: Duration::from_secs(pick!(coupon_retention_days).unwrap_or(90).saturating_mul(86_400)),
+                }
+            }
         };
         let defaults = EngineConfig::default();
         let engine = EngineConfig {
@@ -829,10 +849,15 @@ mod tests {
     #[test]
     fn the_store_is_embedded_by_default_ephemeral_or_redis_when_asked() {
         let store = |list: &[&str]| Config::resolve(args(list), ServeArgs::default()).map(|c| c.store);
-        assert_eq!(store(&[]).unwrap(), StoreChoice::Embedded { data_dir: "kabao-data".into() });
-        assert_eq!(store(&["--data-dir", "/d"]).unwrap(), StoreChoice::Embedded { data_dir: "/d".into() });
+        let embedded = |dir: &str| StoreChoice::Embedded {
+            data_dir: dir.into(),
+            checkpoint_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(90 * 86_400),
+        };
+        assert_eq!(store(&[]).unwrap(), embedded("kabao-data"));
+        assert_eq!(store(&["--data-dir", "/d"]).unwrap(), embedded("/d"));
         assert_eq!(store(&["--ephemeral"]).unwrap(), StoreChoice::Ephemeral);
-        assert_eq!(store(&["--ephemeral", "false"]).unwrap(), StoreChoice::Embedded { data_dir: "kabao-data".into() });
+        assert_eq!(store(&["--ephemeral", "false"]).unwrap(), embedded("kabao-data"));
         assert!(matches!(store(&["--redis-url", "redis://h:1"]).unwrap(), StoreChoice::Redis { .. }));
         assert!(store(&["--redis-url", "http://h"]).is_err());
         assert!(store(&["--redis-url", "redis://h", "--ephemeral"]).is_err());

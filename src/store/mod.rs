@@ -22,6 +22,7 @@
 
 #[doc(hidden)]
 pub mod contract;
+pub mod embedded;
 pub mod memory;
 pub mod rules;
 
@@ -413,4 +414,9 @@ pub trait Store: CampaignStore + DeviceStore + IssueStore + OutboxStore {
     /// Answers when the store is reachable and still the one it was ([`StoreError::Lost`]
     /// otherwise): `/readyz`.
     async fn health(&self) -> Result<(), StoreError>;
+    /// Writes what is held back for durability later (the embedded store's trigger state
+    /// checkpoint); called at graceful shutdown.
+    async fn close(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
