@@ -13,12 +13,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, PushProviderKind, StoreChoice};
+use crate::config::{Config, PushProviderKind, StoreChoice, StoreCommand};
 use crate::dispatch::log::LogProvider;
 use crate::dispatch::worker::{DispatchConfig, Dispatcher, Providers};
 use crate::engine::Engine;
 use crate::http::{router, AppState};
 use crate::store::memory::MemoryStore;
+use crate::store::redis::RedisStore;
 use crate::store::Store;
 
 /// A kabao server, bound and ready to serve.
@@ -122,8 +123,21 @@ pub async fn open_store(choice: &StoreChoice) -> anyhow::Result<Arc<dyn Store>> 
                 data_dir.display()
             )
         }
-        StoreChoice::Redis { .. } => {
-            bail!("the Redis store is not available in this build yet; run with --ephemeral")
+        StoreChoice::Redis { url } => {
+            let store = RedisStore::connect(url.expose()).await.context("connecting to the Redis store")?;
+            tracing::info!(store = "redis", identity = %store.identity(), "store: redis, shared by every node on it");
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Runs `kabao store …`.
+pub async fn store_command(command: StoreCommand) -> anyhow::Result<()> {
+    match command {
+        StoreCommand::Adopt { redis_url } => {
+            let identity = RedisStore::adopt(&redis_url).await.context("adopting the Redis store")?;
+            println!("store adopted: new identity {identity}; running nodes serve from it within a second");
+            Ok(())
         }
     }
 }

@@ -20,5 +20,6 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => kabao::app::serve(Config::load(args)?).await,
         Command::Demo(args) => kabao::app::demo(args).await,
+        Command::Store(command) => kabao::app::store_command(command).await,
     }
 }

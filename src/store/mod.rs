@@ -23,6 +23,7 @@
 #[doc(hidden)]
 pub mod contract;
 pub mod memory;
+pub mod redis;
 pub mod rules;
 
 use std::sync::Arc;
