@@ -761,7 +761,7 @@ pub async fn campaigns_read_back_whole(store: &Arc<dyn Store>) {
             {"id": "p", "type": "polygon",
              "coordinates": [[[114.0, 22.5], [114.01, 22.5], [114.01, 22.51], [114.0, 22.5]]]}
         ],
-        "trigger": {"type": "dwell", "dwell_s": 120},
+        "trigger": {"on": "dwell", "dwell_s": 120},
         "schedule": {"starts_at_ms": 1_700_000_000_000_i64, "ends_at_ms": 1_800_000_000_000_i64,
                      "timezone": "Asia/Shanghai", "hours": [{"days": ["mon", "sat"], "from": "09:00", "to": "21:30"}]},
         "caps": {"per_user_cooldown_s": 60, "per_user_max": 3, "total_max": 1000},

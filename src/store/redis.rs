@@ -37,7 +37,7 @@
 //! stream's consumer group (idle times on the server's clock) cannot express; taking is one script,
 //! so two nodes' dispatchers never hold the same entry at once.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,6 +80,16 @@ struct Inner {
     lost: Mutex<Option<String>>,
     /// Round trips made (also the `kabao_store_round_trips_total` counter).
     round_trips: AtomicU64,
+    /// The highest campaign revision this node has seen: after the store's data was replaced,
+    /// revisions continue above it, so the node's index (which ignores revisions it has already
+    /// passed) takes every campaign of the new data.
+    max_revision: AtomicU64,
+    /// Set when the store's data may have been replaced under this node (it was lost and came
+    /// back, or was adopted): the next change poll answers "reload everything".
+    reload: AtomicBool,
+    /// The change poll answered "reload everything" after a loss: the next `all_campaigns` is
+    /// let through and, once it answered, the store serves again.
+    recovering: AtomicBool,
 }
 
 struct Scripts {
@@ -90,6 +100,7 @@ struct Scripts {
     outbox: Script,
     erase_user: Script,
     identity: Script,
+    revision_floor: Script,
 }
 
 impl Scripts {
@@ -102,6 +113,7 @@ impl Scripts {
             outbox: Script::new(include_str!("redis/outbox.lua")),
             erase_user: Script::new(include_str!("redis/erase_user.lua")),
             identity: Script::new(IDENTITY_SCRIPT),
+            revision_floor: Script::new(REVISION_FLOOR_SCRIPT),
         }
     }
 }
@@ -116,6 +128,17 @@ if ARGV[1] == 'adopt' or redis.call('EXISTS', key) == 0 then
   if ARGV[1] == 'adopt' then redis.call('HSET', key, 'adopted', '1') end
 end
 return redis.call('HMGET', key, 'id', 'adopted')
+"#;
+
+/// Raises the campaign revision to at least ARGV[1]; answers the revision.
+const REVISION_FLOOR_SCRIPT: &str = r#"
+local current = tonumber(redis.call('GET', 'kabao:campaign_rev') or '0')
+local floor = tonumber(ARGV[1])
+if current < floor then
+  redis.call('SET', 'kabao:campaign_rev', ARGV[1])
+  current = floor
+end
+return current
 "#;
 
 impl std::fmt::Debug for RedisStore {
@@ -165,6 +188,9 @@ impl RedisStore {
                 identity: Mutex::new(String::new()),
                 lost: Mutex::new(None),
                 round_trips: AtomicU64::new(0),
+                max_revision: AtomicU64::new(0),
+                reload: AtomicBool::new(false),
+                recovering: AtomicBool::new(false),
             }),
         };
         let (id, _) = store.identity_call("first-use").await?;
@@ -184,6 +210,9 @@ impl RedisStore {
                 identity: Mutex::new(String::new()),
                 lost: Mutex::new(None),
                 round_trips: AtomicU64::new(0),
+                max_revision: AtomicU64::new(0),
+                reload: AtomicBool::new(false),
+                recovering: AtomicBool::new(false),
             }),
         };
         Ok(store.identity_call("adopt").await?.0)
@@ -248,33 +277,29 @@ impl RedisStore {
         *lost = Some(why);
     }
 
-    /// Compares the identity Redis holds now with the one this node works with.
+    /// Compares the identity Redis holds now with the one this node works with. A store that was
+    /// lost stays refused until the change poll has rebuilt the fence index from its data (see
+    /// [`CampaignStore::campaign_changes`]), so no request is served against the old index.
     fn observe_identity(&self, current: Option<String>, adopted: bool) -> Result<(), StoreError> {
         let known = self.inner.identity.lock().clone();
         match current {
             Some(id) if id == known => {
-                if self.inner.lost.lock().take().is_some() {
-                    tracing::warn!(identity = %id, "store: the Redis has kabao's identity again; serving");
+                if self.inner.lost.lock().is_some() && !self.inner.reload.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(identity = %id, "store: the Redis has kabao's identity again; rebuilding the index");
                 }
-                Ok(())
             }
             Some(id) if adopted => {
-                tracing::warn!(old = %known, new = %id, "store: an operator adopted this Redis's data; serving from it");
+                tracing::warn!(old = %known, new = %id, "store: an operator adopted this Redis's data; rebuilding the index from it");
                 *self.inner.identity.lock() = id;
-                self.inner.lost.lock().take();
-                Ok(())
+                self.inner.lost.lock().get_or_insert_with(|| "rebuilding the index from adopted data".into());
+                self.inner.reload.store(true, Ordering::Release);
             }
-            Some(id) => {
-                let why = format!("the Redis carries identity {id}, this node worked with {known}");
-                self.mark_lost(why.clone());
-                Err(StoreError::Lost(why))
-            }
+            Some(id) => self.mark_lost(format!("the Redis carries identity {id}, this node worked with {known}")),
             None => {
-                let why = format!("the Redis has no identity (this node worked with {known}): it lost its data");
-                self.mark_lost(why.clone());
-                Err(StoreError::Lost(why))
+                self.mark_lost(format!("the Redis has no identity (this node worked with {known}): it lost its data"))
             }
         }
+        self.guard()
     }
 
     async fn check_identity(&self) -> Result<(), StoreError> {
@@ -293,11 +318,21 @@ impl RedisStore {
         let logged = if doc.len() <= LOGGED_DOC_MAX_BYTES { doc.as_str() } else { "" };
         let mut invocation = self.inner.scripts.campaign_write.prepare_invoke();
         invocation.arg(op).arg(id.as_str()).arg(doc.as_str()).arg(logged).arg(CHANGES_KEPT);
-        self.run(invocation.invoke_async(&mut self.conn())).await
+        let revision: i64 = self.run(invocation.invoke_async(&mut self.conn())).await?;
+        self.saw_revision(revision.max(0) as u64);
+        Ok(revision)
+    }
+
+    fn saw_revision(&self, revision: u64) {
+        self.inner.max_revision.fetch_max(revision, Ordering::AcqRel);
     }
 
     async fn read_campaigns(&self, args: &[String]) -> Result<Vec<Value>, StoreError> {
         self.guard()?;
+        self.read_campaigns_unguarded(args).await
+    }
+
+    async fn read_campaigns_unguarded(&self, args: &[String]) -> Result<Vec<Value>, StoreError> {
         let mut invocation = self.inner.scripts.campaigns_read.prepare_invoke();
         for a in args {
             invocation.arg(a.as_str());
@@ -499,23 +534,50 @@ impl CampaignStore for RedisStore {
     }
 
     async fn all_campaigns(&self) -> Result<(u64, Vec<Arc<Campaign>>), StoreError> {
-        let reply = self.read_campaigns(&["all".into()]).await?;
+        let recovering = self.inner.recovering.load(Ordering::Acquire);
+        if !recovering {
+            self.guard()?;
+        }
+        let reply = self.read_campaigns_unguarded(&["all".into()]).await?;
         let revision = reply.first().and_then(int_of).ok_or_else(|| corrupt("revision"))? as u64;
+        self.saw_revision(revision);
+        if recovering && self.inner.recovering.swap(false, Ordering::AcqRel) {
+            self.inner.lost.lock().take();
+            tracing::warn!("store: index rebuilt from the store's data; serving again");
+        }
         Ok((revision, decode_pairs(reply.get(1..).unwrap_or_default())?))
     }
 
     async fn campaign_changes(&self, since: u64) -> Result<CampaignChanges, StoreError> {
         // The engine polls this every 200 ms on every node: the identity is checked with it, so a
         // Redis that came back empty is noticed within that time even without `/readyz` traffic.
-        let lost_before = self.inner.lost.lock().is_some();
-        self.check_identity().await?;
-        if lost_before {
-            // Coming back: whatever the log says, rebuild the index from what the store holds.
-            let revision = self.all_campaigns().await?.0;
+        let checked = self.check_identity().await;
+        if self.inner.reload.swap(false, Ordering::AcqRel) {
+            // The data may have been replaced: revisions continue above every one this node saw,
+            // and the node rebuilds its index from what the store holds now.
+            let floor = self.inner.max_revision.load(Ordering::Acquire).max(since) + 1;
+            let mut invocation = self.inner.scripts.revision_floor.prepare_invoke();
+            invocation.arg(floor);
+            let revision: u64 = match self.run(invocation.invoke_async(&mut self.conn())).await {
+                Ok(revision) => revision,
+                Err(e) => {
+                    self.inner.reload.store(true, Ordering::Release);
+                    return Err(e);
+                }
+            };
+            self.saw_revision(revision);
+            // The engine's reload (`all_campaigns`) is let through and ends the loss.
+            self.inner.recovering.store(true, Ordering::Release);
             return Ok(CampaignChanges { revision, changes: None });
         }
+        checked?;
         let reply = self.read_campaigns(&["changes".into(), since.to_string()]).await?;
         let revision = reply.first().and_then(int_of).ok_or_else(|| corrupt("revision"))? as u64;
+        self.saw_revision(revision);
+        if since > revision {
+            // The store's revisions went back (its data was replaced): reload everything.
+            return Ok(CampaignChanges { revision, changes: None });
+        }
         let oldest = reply.get(1).and_then(int_of).ok_or_else(|| corrupt("oldest"))?;
         let oldest_kept = if oldest < 0 { revision + 1 } else { oldest as u64 };
         if !(since >= revision || oldest_kept <= since + 1) {
