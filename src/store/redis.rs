@@ -915,8 +915,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::test_server::RedisServer;
-    use super::RedisStore;
-    use crate::store::{contract, Store};
+    use super::{user_key, RedisStore};
+    use crate::store::{contract, Store, StoreError};
 
     async fn store(server: &RedisServer) -> Arc<dyn Store> {
         Arc::new(RedisStore::connect(&server.url()).await.expect("connect"))
@@ -936,6 +936,64 @@ mod tests {
                 contract::$section(&store(&server).await).await;
             }
         )*};
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redis_that_does_not_answer_is_unavailable_not_a_hang() {
+        let server = RedisServer::start();
+        let store = store(&server).await;
+        store.health().await.expect("healthy");
+        server.pause();
+        let user = crate::domain::UserId::parse("u", "frozen").unwrap();
+        assert!(matches!(store.load_user_states(std::slice::from_ref(&user)).await, Err(StoreError::Unavailable(_))));
+        assert!(matches!(store.health().await, Err(StoreError::Unavailable(_))));
+        server.resume();
+        let mut healthy = false;
+        for _ in 0..50 {
+            if store.health().await.is_ok() {
+                healthy = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(healthy, "answers again once Redis does");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_that_lost_its_identity_refuses_everything_until_adopted() {
+        let server = RedisServer::start();
+        let redis = RedisStore::connect(&server.url()).await.expect("connect");
+        let store: Arc<dyn Store> = Arc::new(redis.clone());
+        let user = crate::domain::UserId::parse("u", "lost-u").unwrap();
+        let mut flush = redis.conn();
+        redis::cmd("FLUSHALL").query_async::<()>(&mut flush).await.expect("flush");
+
+        // The commit script notices by itself, before anything else asked.
+        let commit = crate::store::UserCommit {
+            user_id: user.clone(),
+            expected_version: 0,
+            new_state: Some(b"s".to_vec()),
+            new_version: 3,
+            keep_for_ms: 60_000,
+            issues: Vec::new(),
+        };
+        assert!(matches!(store.commit(vec![commit]).await, Err(StoreError::Lost(_))));
+        assert!(matches!(store.devices(&user).await, Err(StoreError::Lost(_))), "every call refuses");
+        assert!(matches!(store.health().await, Err(StoreError::Lost(_))));
+        let raw: Option<String> =
+            redis::cmd("HGET").arg(user_key(&user, "state")).arg("v").query_async(&mut flush).await.unwrap();
+        assert_eq!(raw, None, "nothing was written");
+        // Another node connecting writes a fresh identity: still not this node's.
+        let _other = RedisStore::connect(&server.url()).await.expect("connect");
+        assert!(matches!(store.health().await, Err(StoreError::Lost(_))));
+
+        RedisStore::adopt(&server.url()).await.expect("adopt");
+        assert!(matches!(store.health().await, Err(StoreError::Lost(_))), "refused until the index is rebuilt");
+        let feed = store.campaign_changes(5).await.expect("the change poll answers");
+        assert!(feed.changes.is_none() && feed.revision > 5, "reload everything, above every revision seen");
+        store.all_campaigns().await.expect("the reload");
+        store.health().await.expect("serving again");
+        assert!(store.devices(&user).await.unwrap().is_empty());
     }
 
     sections!(

@@ -71,9 +71,27 @@ impl RedisServer {
     /// Kills the server (`SIGKILL`) and waits for it to exit.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A paused server would not die of SIGKILL before it is continued on every kernel.
+            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Freezes the server (`SIGSTOP`): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (`SIGCONT`).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("a running server").id().to_string();
+        let status = Command::new("kill").args([signal, &pid]).status().expect("kill runs");
+        assert!(status.success(), "kill {signal} {pid}");
     }
 
     /// Starts the server again on the same port (with its data if durable, empty otherwise).
