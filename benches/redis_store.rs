@@ -226,7 +226,9 @@ async fn main() {
     const SINGLES: usize = 20_000;
     let t = drive(one.clone(), SINGLES, 64, single_body("ms"), rr.clone()).await;
     println!("HTTP single pings: memory 1 node {:.0} requests/s", SINGLES as f64 / t.as_secs_f64());
-    for (name, route, tag) in [("sticky", sticky, "rs"), ("round-robin", rr, "rr")] {
+    // A user's consecutive pings (requests i, i + 1000, …) alternate between the two nodes.
+    let alternating: Arc<dyn Fn(usize) -> usize + Send + Sync> = Arc::new(|i| i / 1000 + i);
+    for (name, route, tag) in [("sticky", sticky, "rs"), ("round-robin", alternating, "rr")] {
         let before = round_trips(&stores);
         let t = drive(two.clone(), SINGLES, 64, single_body(tag), route).await;
         println!(
