@@ -16,7 +16,7 @@ use kabao::domain::{CampaignId, Caps, CouponId, FenceId, UserId};
 use kabao::store::embedded::{EmbeddedConfig, EmbeddedStore};
 use kabao::store::memory::MemoryStore;
 use kabao::store::{IssueCandidate, IssueRequest, IssuedCoupon, Store, UserCommit};
-use redb::{Database, Durability, TableDefinition};
+use redb::{Database, Durability, ReadableTable, TableDefinition};
 
 const T: i64 = 1_700_000_000_000;
 const CONCURRENCY: usize = 64;
@@ -190,8 +190,11 @@ async fn ingest_without_issuing(store: Arc<dyn Store>, batches: usize) -> f64 {
                             let shift = if b % 2 == 0 { 0.0 } else { 0.005 };
                             Ping {
                                 user_id: UserId::parse("u", &format!("t{t}-u{u}")).unwrap(),
-                                at: LatLon::new(22.0 + (i / 100) as f64 * 0.01 + shift, 113.0 + (i % 100) as f64 * 0.01)
-                                    .unwrap(),
+                                at: LatLon::new(
+                                    22.0 + (i / 100) as f64 * 0.01 + shift,
+                                    113.0 + (i % 100) as f64 * 0.01,
+                                )
+                                .unwrap(),
                                 ts_ms: now - 3_600_000 + b as i64 * 1000,
                                 accuracy_m: None,
                                 speed_mps: None,
@@ -219,18 +222,22 @@ fn main() {
 
     let memory = rt.block_on(issuance(Arc::new(MemoryStore::new()), coupons));
     let embedded = rt.block_on(async {
-        let config = EmbeddedConfig { checkpoint_interval: Duration::from_secs(1), ..EmbeddedConfig::new(dir.path().join("kabao")) };
+        let config = EmbeddedConfig {
+            checkpoint_interval: Duration::from_secs(1),
+            ..EmbeddedConfig::new(dir.path().join("kabao"))
+        };
         issuance(EmbeddedStore::open(config).unwrap(), coupons).await
     });
-    let redb_1 = redb_pattern(&tempfile::tempdir().unwrap().into_path(), coupons / 20, 1);
-    let redb_64 = redb_pattern(&tempfile::tempdir().unwrap().into_path(), coupons, 64);
-    let sqlite_1 = sqlite_pattern(&tempfile::tempdir().unwrap().into_path(), coupons / 20, 1);
-    let sqlite_64 = sqlite_pattern(&tempfile::tempdir().unwrap().into_path(), coupons, 64);
+    let redb_1 = redb_pattern(tempfile::tempdir().unwrap().path(), coupons / 20, 1);
+    let redb_64 = redb_pattern(tempfile::tempdir().unwrap().path(), coupons, 64);
+    let sqlite_1 = sqlite_pattern(tempfile::tempdir().unwrap().path(), coupons / 20, 1);
+    let sqlite_64 = sqlite_pattern(tempfile::tempdir().unwrap().path(), coupons, 64);
 
     let batches = if quick { 200 } else { 1000 };
     let ingest_memory = rt.block_on(ingest_without_issuing(Arc::new(MemoryStore::new()), batches));
     let ingest_embedded = rt.block_on(async {
-        ingest_without_issuing(EmbeddedStore::open(EmbeddedConfig::new(dir.path().join("ingest"))).unwrap(), batches).await
+        ingest_without_issuing(EmbeddedStore::open(EmbeddedConfig::new(dir.path().join("ingest"))).unwrap(), batches)
+            .await
     });
     println!("| ingest, pings that issue nothing (`Engine::ingest`, batches of 500) | pings/s | vs in-memory |");
     println!("| --- | ---: | ---: |");

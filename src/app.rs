@@ -8,17 +8,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, EdgeConfig, StoreChoice};
+use crate::config::{Config, EdgeConfig, StoreChoice, StoreCommand};
 use crate::dispatch::worker::{DispatchConfig, Dispatcher};
 use crate::engine::Engine;
 use crate::http::{router, AppState};
 use crate::store::embedded::{EmbeddedConfig, EmbeddedStore};
 use crate::store::memory::MemoryStore;
+use crate::store::redis::RedisStore;
 use crate::store::Store;
 
 /// A kabao server, bound and ready to serve.
@@ -133,8 +134,21 @@ pub async fn open_store(choice: &StoreChoice) -> anyhow::Result<Arc<dyn Store>> 
             };
             Ok(EmbeddedStore::open(config)?)
         }
-        StoreChoice::Redis { .. } => {
-            bail!("the Redis store is not available in this build yet; run with --ephemeral")
+        StoreChoice::Redis { url } => {
+            let store = RedisStore::connect(url.expose()).await.context("connecting to the Redis store")?;
+            tracing::info!(store = "redis", identity = %store.identity(), "store: redis, shared by every node on it");
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// Runs `kabao store …`.
+pub async fn store_command(command: StoreCommand) -> anyhow::Result<()> {
+    match command {
+        StoreCommand::Adopt { redis_url } => {
+            let identity = RedisStore::adopt(&redis_url).await.context("adopting the Redis store")?;
+            println!("store adopted: new identity {identity}; running nodes serve from it within a second");
+            Ok(())
         }
     }
 }

@@ -37,6 +37,21 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// Serve fake FCM, OAuth2 and APNs endpoints over TLS, to try or test push delivery locally.
     FakePush(crate::fakepush::FakePushArgs),
+    /// Operate on the shared store (see the README, "Redis restarted empty").
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+/// `kabao store …`: an operator's actions on the shared store.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Accept the Redis's data as it now is (after it lost its data and could not be restored):
+    /// writes a new store identity marked adopted, which every running node then serves from.
+    Adopt {
+        /// The Redis store URL (`redis://`, `rediss://`).
+        #[arg(long, env = "KABAO_REDIS_URL", value_name = "URL", hide_env_values = true)]
+        redis_url: String,
+    },
 }
 
 /// Where issued coupons are pushed.

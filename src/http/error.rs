@@ -75,6 +75,10 @@ pub enum ApiError {
     /// The store is down, or the request took too long (`503 unavailable`); nothing was applied.
     #[error("{0}")]
     Unavailable(String),
+    /// The store answers without its data (a Redis restarted empty): `503 unavailable` with a
+    /// message saying so, on `/readyz` (store-backed requests say only "unavailable").
+    #[error("the store lost its data (its identity is missing or different): restore it, or accept it as it is with `kabao store adopt`; see the log")]
+    StoreLost,
     /// A bug or an unexpected failure (`500 internal`); the cause is logged, not shown.
     #[error("internal error: {0}")]
     Internal(String),
@@ -99,7 +103,7 @@ impl ApiError {
             ApiError::UriTooLong => (StatusCode::URI_TOO_LONG, "uri_too_long"),
             ApiError::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::MalformedRequest => (StatusCode::BAD_REQUEST, "malformed_request"),
-            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Unavailable(_) | ApiError::StoreLost => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

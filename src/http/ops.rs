@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
+use crate::store::StoreError;
 
 /// Histogram buckets (seconds) for every histogram: fine at the bottom for the ~100 ns match
 /// time, coarse at the top for whole requests.
@@ -72,8 +73,13 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Va
     if !state.engine.is_ready() {
         return Err(ApiError::Unavailable("the fence index is not loaded yet".into()));
     }
-    state.engine.store().health().await?;
-    Ok(Json(json!({"status": "ready"})))
+    match state.engine.store().health().await {
+        Ok(()) => Ok(Json(json!({"status": "ready"}))),
+        // API.md: a store that came back without its data is named as such in `/readyz` (the
+        // reason carries no address or secret; the details are in the log).
+        Err(StoreError::Lost(_)) => Err(ApiError::StoreLost),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Prometheus text format.

@@ -40,6 +40,7 @@ pub async fn store_contract_suite(store: Arc<dyn Store>) {
     campaign_feed(&store).await;
     erase_user(&store).await;
     concurrent_issue_never_breaks_a_cap(&store).await;
+    campaigns_read_back_whole(&store).await;
 }
 
 fn uid(s: &str) -> UserId {
@@ -744,4 +745,45 @@ pub async fn concurrent_issue_never_breaks_a_cap(store: &Arc<dyn Store>) {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), wallet.len(), "no coupon id twice in a wallet");
+}
+
+/// A campaign with every member set reads back equal to what was stored — from `campaign`,
+/// `campaigns_page`, `all_campaigns` and the change feed — at the revision the write returned.
+pub async fn campaigns_read_back_whole(store: &Arc<dyn Store>) {
+    let doc: CampaignDoc = serde_json::from_value(serde_json::json!({
+        "id": "rb-a",
+        "name": "Full — 满减",
+        "merchant": {"id": "m-1", "name": "Shop \"1\""},
+        "coupon": {"title": "20% off", "body": "b", "deep_link": "app://x", "image_url": "https://i/x.png",
+                   "valid_for_s": 3600},
+        "fences": [
+            {"id": "c", "type": "circle", "center": [114.0579, 22.5431], "radius_m": 150.5},
+            {"id": "p", "type": "polygon",
+             "coordinates": [[[114.0, 22.5], [114.01, 22.5], [114.01, 22.51], [114.0, 22.5]]]}
+        ],
+        "trigger": {"on": "dwell", "dwell_s": 120},
+        "schedule": {"starts_at_ms": 1_700_000_000_000_i64, "ends_at_ms": 1_800_000_000_000_i64,
+                     "timezone": "Asia/Shanghai", "hours": [{"days": ["mon", "sat"], "from": "09:00", "to": "21:30"}]},
+        "caps": {"per_user_cooldown_s": 60, "per_user_max": 3, "total_max": 1000},
+        "audience": {"tags_any": ["vip", "gold"]},
+        "max_accuracy_m": 35.5,
+        "status": "paused",
+    }))
+    .expect("a campaign document");
+    let full = doc.validate(|| cid("rb-a")).expect("a valid campaign");
+    let since = store.campaign_changes(0).await.unwrap().revision;
+    let stored = store.insert_campaign(full.clone()).await.expect("insert");
+    let expected = Campaign { revision: stored.revision, ..full };
+    assert_eq!(*stored, expected);
+    assert_eq!(*store.campaign(&cid("rb-a")).await.unwrap().expect("stored"), expected);
+    let page = store.campaigns_page(Some("rb-"), 1).await.unwrap();
+    assert_eq!(*page[0], expected);
+    let all = store.all_campaigns().await.unwrap().1;
+    assert_eq!(**all.iter().find(|c| c.id == expected.id).expect("listed"), expected);
+    let changes = store.campaign_changes(since).await.unwrap().changes.expect("a complete feed");
+    match changes.last() {
+        Some(CampaignChange::Upsert(c)) => assert_eq!(**c, expected),
+        other => panic!("expected the upsert, got {other:?}"),
+    }
+    store.delete_campaign(&cid("rb-a")).await.unwrap();
 }

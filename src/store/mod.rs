@@ -24,6 +24,7 @@
 pub mod contract;
 pub mod embedded;
 pub mod memory;
+pub mod redis;
 pub mod rules;
 
 use std::sync::Arc;

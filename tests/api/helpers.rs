@@ -142,6 +142,13 @@ impl Reply {
 }
 
 impl TestApp {
+    /// A client of a server running elsewhere (another process) at `base`.
+    #[allow(dead_code)] // used by tests/redis_nodes.rs, which shares this file
+    pub fn at(base: &str) -> Self {
+        let (stop, _) = oneshot::channel::<()>();
+        Self { base: base.trim_end_matches('/').to_owned(), http: reqwest::Client::new(), _stop: stop }
+    }
+
     /// Sends `body` (JSON, unless `None`) with `token` (none when `None`).
     pub async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<&Value>) -> Reply {
         let mut request = self.http.request(method, format!("{}{path}", self.base));
