@@ -21,5 +21,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => kabao::app::serve(Config::load(args)?).await,
         Command::Demo(args) => kabao::app::demo(args).await,
         Command::FakePush(args) => kabao::fakepush::run(args).await,
+        Command::Loadgen(args) => kabao::loadgen::run(args).await,
     }
 }
