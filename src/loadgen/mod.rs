@@ -334,8 +334,10 @@ struct Tally {
     last_done: Duration,
 }
 
+/// Latencies in µs, 1 µs to an hour. Fixed bounds (not auto-resizing): `saturating_record`
+/// never resizes, so an auto-resizing histogram would clamp every value at its tiny initial top.
 fn histogram(significant: u8) -> Histogram<u64> {
-    Histogram::new(significant).expect("valid significant figures")
+    Histogram::new_with_bounds(1, 3_600_000_000, significant).expect("valid histogram bounds")
 }
 
 impl Tally {
@@ -592,6 +594,25 @@ mod tests {
         assert!(execute(&big).await.unwrap_err().to_string().contains("--batch"));
         let tls = args(&["--admin-token", "t", "--url", "https://example.com"]).unwrap();
         assert!(execute(&tls).await.is_err());
+    }
+
+    #[test]
+    fn recorded_latencies_come_out_as_recorded() {
+        let mut a = Tally::default();
+        a.record(0, Duration::from_millis(50));
+        a.record(2, Duration::from_micros(1_500));
+        let mut b = Tally::default();
+        b.record(0, Duration::from_secs(7));
+        b.requests = 3;
+        a.merge(b);
+        let h = a.latency.as_ref().unwrap();
+        assert_eq!(h.len(), 3);
+        let near = |value: u64, expected: u64| value.abs_diff(expected) <= expected / 100;
+        assert!(near(h.value_at_quantile(0.0), 1_500));
+        assert!(near(h.value_at_quantile(0.5), 50_000));
+        assert!(near(h.max(), 7_000_000));
+        assert_eq!(a.per_second.iter().map(Histogram::len).collect::<Vec<_>>(), [2, 0, 1]);
+        assert_eq!(a.requests, 3);
     }
 
     #[test]

@@ -177,7 +177,7 @@ impl LoadResult {
             let list: Vec<String> = self.errors.iter().map(|(k, v)| format!("{k} × {v}")).collect();
             let _ = writeln!(s, "errors: {}", list.join(", "));
         }
-        if let Some(rate) = self.target_rate {
+        if let (Some(rate), true) = (self.target_rate, self.duration_s > 0.0) {
             if self.requests_per_s < rate * 0.95 {
                 let _ = writeln!(
                     s,
