@@ -37,6 +37,8 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// Serve fake FCM, OAuth2 and APNs endpoints over TLS, to try or test push delivery locally.
     FakePush(crate::fakepush::FakePushArgs),
+    /// Drive `POST /v1/pings` of a running kabao open-loop and measure it from outside.
+    Loadgen(crate::loadgen::LoadgenArgs),
     /// Operate on the shared store (see the README, "Redis restarted empty").
     #[command(subcommand)]
     Store(StoreCommand),

@@ -27,6 +27,8 @@
 //! | [`http`] | axum routes, auth, errors, limits, OpenAPI — thin: parse, call, map errors |
 //! | [`config`], [`app`] | flags / `KABAO_*` / config file; startup, serving, graceful shutdown |
 //! | [`demo`] | `kabao demo`: campaigns from `data/`, seeded shoppers replayed over HTTP |
+//! | [`sim`] | seeded simulated phones shared by the demo and the load generator |
+//! | [`loadgen`] | `kabao loadgen`: open-loop HTTP load against `/v1/pings`, latency without coordinated omission |
 //! | [`fakepush`] | `kabao fake-push`: protocol-faithful FCM, OAuth2 and APNs fakes over TLS, with fault injection |
 //!
 //! `spatial` and `trigger` do no I/O and never read the clock, so they are tested against brute
@@ -41,6 +43,8 @@ pub mod domain;
 pub mod engine;
 pub mod fakepush;
 pub mod http;
+pub mod loadgen;
+pub mod sim;
 pub mod spatial;
 pub mod store;
 pub mod trigger;

@@ -22,5 +22,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(args) => kabao::app::demo(args).await,
         Command::FakePush(args) => kabao::fakepush::run(args).await,
         Command::Store(command) => kabao::app::store_command(command).await,
+        Command::Loadgen(args) => kabao::loadgen::run(args).await,
     }
 }

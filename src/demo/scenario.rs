@@ -5,7 +5,8 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
 use super::data::Place;
-use crate::domain::{haversine_m, LatLon, EARTH_RADIUS_M};
+use crate::domain::{haversine_m, LatLon};
+use crate::sim::{offset, SimPing, Walk};
 
 /// One campaign the demo registers, built from a slice of the places.
 pub struct CampaignPlan {
@@ -96,97 +97,8 @@ pub fn campaigns(
     plans
 }
 
-/// One ping of a simulated shopper.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DemoPing {
-    /// Shopper id.
-    pub user_id: String,
-    /// Latitude.
-    pub lat: f64,
-    /// Longitude.
-    pub lon: f64,
-    /// Event time.
-    pub ts_ms: i64,
-    /// GPS accuracy the phone reports.
-    pub accuracy_m: f64,
-    /// Whether the phone reports a mock location provider.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub mocked: bool,
-}
-
-/// Seconds between two pings of a moving phone.
-const PING_EVERY_S: f64 = 15.0;
-
-fn offset(from: LatLon, north_m: f64, east_m: f64) -> LatLon {
-    let lat = (from.lat + (north_m / EARTH_RADIUS_M).to_degrees()).clamp(-89.9, 89.9);
-    let lon = from.lon + (east_m / (EARTH_RADIUS_M * from.lat.to_radians().cos().max(0.01))).to_degrees();
-    LatLon { lat, lon: crate::domain::geo::wrap_lon(lon) }
-}
-
-fn lerp(a: LatLon, b: LatLon, t: f64) -> LatLon {
-    LatLon { lat: a.lat + (b.lat - a.lat) * t, lon: a.lon + (b.lon - a.lon) * t }
-}
-
-/// A shopper's day: start near a venue, visit it and a few venues nearby, lingering at each.
-struct Walk<'a> {
-    rng: &'a mut ChaCha8Rng,
-    user_id: String,
-    ts_ms: i64,
-    at: LatLon,
-    out: Vec<DemoPing>,
-}
-
-impl<'a> Walk<'a> {
-    /// The pings of one shopper leaving `start` at `ts_ms` and lingering at each stop in turn.
-    fn route(rng: &'a mut ChaCha8Rng, user_id: String, ts_ms: i64, start: LatLon, stops: &[LatLon]) -> Vec<DemoPing> {
-        let mut walk = Walk { rng, user_id, ts_ms, at: start, out: Vec::new() };
-        walk.ping(start);
-        for &stop in stops {
-            walk.travel_to(stop);
-            walk.linger();
-        }
-        walk.out
-    }
-
-    fn ping(&mut self, at: LatLon) {
-        // Phones are noisy: a few metres of jitter, now and then a poor fix or a mock provider.
-        let noisy = offset(at, self.rng.gen_range(-6.0..6.0), self.rng.gen_range(-6.0..6.0));
-        let accuracy_m = if self.rng.gen_bool(0.03) { 250.0 } else { self.rng.gen_range(4.0..30.0) };
-        let mocked = self.rng.gen_bool(0.005);
-        self.out.push(DemoPing {
-            user_id: self.user_id.clone(),
-            lat: noisy.lat,
-            lon: noisy.lon,
-            ts_ms: self.ts_ms,
-            accuracy_m,
-            mocked,
-        });
-        self.at = at;
-        self.ts_ms += (PING_EVERY_S * 1000.0) as i64 + self.rng.gen_range(-2000..2000);
-    }
-
-    fn travel_to(&mut self, to: LatLon) {
-        let d = haversine_m(self.at, to);
-        // Walk short legs; take a ride (at most 60 pings) for long ones, well under 100 m/s.
-        let speed = (d / (60.0 * PING_EVERY_S)).max(1.4);
-        let steps = (d / (speed * PING_EVERY_S)).ceil().max(1.0) as usize;
-        let from = self.at;
-        for i in 1..=steps {
-            self.ping(lerp(from, to, i as f64 / steps as f64));
-        }
-    }
-
-    fn linger(&mut self) {
-        let stay = self.rng.gen_range(4..25);
-        let here = self.at;
-        for _ in 0..stay {
-            self.ping(here);
-        }
-    }
-}
-
 /// `n` shoppers around the given venues, seeded; pings start in `[start_ms, start_ms + 1 h)`.
-pub fn shoppers(places: &[Place], n: usize, seed: u64, start_ms: i64, id_prefix: &str) -> Vec<DemoPing> {
+pub fn shoppers(places: &[Place], n: usize, seed: u64, start_ms: i64, id_prefix: &str) -> Vec<SimPing> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut pings = Vec::new();
     if places.is_empty() {
@@ -205,24 +117,6 @@ pub fn shoppers(places: &[Place], n: usize, seed: u64, start_ms: i64, id_prefix:
             std::iter::once(home.at).chain(nearby.iter().take(rng.gen_range(1..5)).map(|(_, p)| p.at)).collect();
         let bearing: f64 = rng.gen_range(0.0..std::f64::consts::TAU);
         let start = offset(home.at, 400.0 * bearing.cos(), 400.0 * bearing.sin());
-        let ts_ms = start_ms + rng.gen_range(0..3_600_000);
-        pings.extend(Walk::route(&mut rng, format!("{id_prefix}{s:05}"), ts_ms, start, &stops));
-    }
-    pings
-}
-
-/// Shoppers wandering between random points of a bounding box (for the polygon campaigns).
-pub fn wanderers(bbox: [f64; 4], n: usize, seed: u64, start_ms: i64, id_prefix: &str) -> Vec<DemoPing> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let [min_lon, min_lat, max_lon, max_lat] = bbox;
-    let mut pings = Vec::new();
-    for s in 0..n {
-        let point = |rng: &mut ChaCha8Rng| LatLon {
-            lat: rng.gen_range(min_lat..=max_lat),
-            lon: rng.gen_range(min_lon..=max_lon),
-        };
-        let start = point(&mut rng);
-        let stops: Vec<LatLon> = (0..rng.gen_range(2..5)).map(|_| point(&mut rng)).collect();
         let ts_ms = start_ms + rng.gen_range(0..3_600_000);
         pings.extend(Walk::route(&mut rng, format!("{id_prefix}{s:05}"), ts_ms, start, &stops));
     }
