@@ -120,7 +120,7 @@ impl ReadRequest {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
-    fn record(&self, provider: &str, status: u16) -> Received {
+    fn record(&self, provider: &str, status: u16, received_at_us: i64) -> Received {
         let headers: BTreeMap<String, String> = self
             .headers
             .iter()
@@ -141,6 +141,7 @@ impl ReadRequest {
             headers,
             body,
             status,
+            received_at_us,
         }
     }
 }
@@ -249,6 +250,10 @@ struct ProviderClaims {
 
 impl State {
     async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Result<Reply, Dropped> {
+        // The system clock, not the fake's: this is for measuring, and a test's manual clock
+        // does not move with real time.
+        let received_at_us =
+            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
         let (parts, body) = request.into_parts();
         let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let request = ReadRequest {
@@ -281,7 +286,7 @@ impl State {
             None => Ok(self.answer(provider, &request, device_token.as_deref())),
         };
         let status = reply.as_ref().map_or(0, |r| r.status().as_u16());
-        self.received.lock().push(request.record(provider, status));
+        self.received.lock().push(request.record(provider, status, received_at_us));
         reply
     }
 
