@@ -116,12 +116,16 @@ impl Dispatcher {
     async fn take_round(self: &Arc<Self>, in_flight: &TaskTracker) -> Result<bool, StoreError> {
         let fcm_free = self.fcm_slots.available_permits();
         let apns_free = self.apns_slots.available_permits();
-        if fcm_free == 0 || apns_free == 0 {
-            // A provider's slots are all busy: wait for one of its slots rather than spin, then
-            // take again at once (waiting for the idle poll here would cap throughput at one
-            // round of slots per poll interval).
-            let full = if fcm_free == 0 { &self.fcm_slots } else { &self.apns_slots };
-            drop(full.acquire().await);
+        // Under load, take in batches: one store round trip per eighth of the slots rather than
+        // one per finished push.
+        let batch = (self.config.concurrency_per_provider / 8).max(1);
+        if fcm_free.min(apns_free) < batch {
+            // A provider's slots are (nearly) all busy: wait until a batch of them is free
+            // rather than spin, then take again at once (waiting for the idle poll here would
+            // cap throughput at one round of slots per poll interval).
+            let fuller = if fcm_free <= apns_free { &self.fcm_slots } else { &self.apns_slots };
+            let wanted = u32::try_from(batch).unwrap_or(u32::MAX);
+            drop(fuller.acquire_many(wanted).await);
             return Ok(true);
         }
         let free = fcm_free.min(apns_free);
