@@ -58,7 +58,7 @@ impl Application {
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let consumer = format!("kabao-{}-{:08x}", std::process::id(), rand::random::<u32>());
-        let dispatch = DispatchConfig { max_attempts: config.push.max_attempts, ..DispatchConfig::default() };
+        let dispatch = DispatchConfig::from_push(&config.push);
         let dispatcher = Dispatcher::new(store, providers, dispatch, consumer);
         tasks.spawn(dispatcher.run(engine.issued_notify(), shutdown.clone()));
 

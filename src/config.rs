@@ -149,6 +149,16 @@ pub struct ServeArgs {
     /// Attempts before a push goes to the dead-letter list. Default 8.
     #[arg(long, env = "KABAO_PUSH_MAX_ATTEMPTS", value_name = "N")]
     pub push_max_attempts: Option<u32>,
+    /// Ceiling of the first retry delay, doubling per attempt (full jitter). Default 1000.
+    #[arg(long, env = "KABAO_PUSH_BACKOFF_BASE_MS", value_name = "MS")]
+    pub push_backoff_base_ms: Option<u64>,
+    /// Largest ceiling a retry delay draws under (a provider's `Retry-After` may exceed it).
+    /// Default 300000 (5 min).
+    #[arg(long, env = "KABAO_PUSH_BACKOFF_MAX_MS", value_name = "MS")]
+    pub push_backoff_max_ms: Option<u64>,
+    /// Pushes in flight at once per provider (FCM, APNs), per node. Default 256.
+    #[arg(long, env = "KABAO_PUSH_CONCURRENCY", value_name = "N")]
+    pub push_concurrency: Option<usize>,
     /// Largest campaign request body. Default 134217728 (128 MiB).
     #[arg(long, env = "KABAO_CAMPAIGN_BODY_LIMIT_BYTES", value_name = "BYTES")]
     pub campaign_body_limit_bytes: Option<usize>,
@@ -335,6 +345,12 @@ pub struct PushConfig {
     pub ca_file: Option<PathBuf>,
     /// Attempts before a push is dead-lettered (at least 1).
     pub max_attempts: u32,
+    /// Ceiling of the first retry delay (doubling per attempt, full jitter).
+    pub backoff_base: Duration,
+    /// Largest ceiling of a retry delay (a provider's `Retry-After` is honoured above it).
+    pub backoff_max: Duration,
+    /// Pushes in flight at once per provider, per node (at least 1).
+    pub concurrency_per_provider: usize,
     /// Deadline of one request to a provider or token endpoint; one that takes longer is a retry.
     pub request_timeout: Duration,
 }
@@ -354,6 +370,9 @@ impl Default for PushConfig {
             apns_base_url: "https://api.push.apple.com".into(),
             ca_file: None,
             max_attempts: 8,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            concurrency_per_provider: 256,
             request_timeout: Duration::from_secs(10),
         }
     }
@@ -599,10 +618,19 @@ impl Config {
             apns_base_url: pick!(apns_base_url).unwrap_or(push_defaults.apns_base_url),
             ca_file: pick!(push_ca_file),
             max_attempts: pick!(push_max_attempts).unwrap_or(push_defaults.max_attempts),
+            backoff_base: pick!(push_backoff_base_ms).map(Duration::from_millis).unwrap_or(push_defaults.backoff_base),
+            backoff_max: pick!(push_backoff_max_ms).map(Duration::from_millis).unwrap_or(push_defaults.backoff_max),
+            concurrency_per_provider: pick!(push_concurrency).unwrap_or(push_defaults.concurrency_per_provider),
             request_timeout: push_defaults.request_timeout,
         };
         if push.max_attempts == 0 {
             bail!("push_max_attempts must be at least 1");
+        }
+        if push.backoff_max < push.backoff_base {
+            bail!("push_backoff_max_ms must be at least push_backoff_base_ms");
+        }
+        if push.concurrency_per_provider == 0 {
+            bail!("push_concurrency must be at least 1");
         }
 
         let listen = normalize_listen(pick!(listen).unwrap_or_else(|| "127.0.0.1:8080".into()));
@@ -895,6 +923,19 @@ mod tests {
         assert_eq!(c.push.apns_topic.as_deref(), Some("com.example"));
         assert_eq!(c.push.max_attempts, 3);
         assert!(Config::resolve(args(&["--push-max-attempts", "0"]), ServeArgs::default()).is_err());
+        let c = Config::resolve(
+            args(&["--push-backoff-base-ms", "5", "--push-backoff-max-ms", "40", "--push-concurrency", "7"]),
+            ServeArgs::default(),
+        )
+        .unwrap();
+        assert_eq!((c.push.backoff_base, c.push.backoff_max), (Duration::from_millis(5), Duration::from_millis(40)));
+        assert_eq!(c.push.concurrency_per_provider, 7);
+        assert!(Config::resolve(
+            args(&["--push-backoff-base-ms", "50", "--push-backoff-max-ms", "40"]),
+            ServeArgs::default()
+        )
+        .is_err());
+        assert!(Config::resolve(args(&["--push-concurrency", "0"]), ServeArgs::default()).is_err());
     }
 
     #[test]

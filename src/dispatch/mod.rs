@@ -50,7 +50,7 @@ pub enum PushOutcome {
 }
 
 impl PushOutcome {
-    /// The metric label of this outcome (`kabao_pushes_total{result=…}`).
+    /// The metric label of this outcome (`kabao_pushes_total{outcome=…}`, `kabao_push_duration_seconds{outcome=…}`).
     pub fn label(&self) -> &'static str {
         match self {
             PushOutcome::Delivered => "delivered",

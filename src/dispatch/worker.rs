@@ -9,13 +9,14 @@
 //! when kabao dies between that answer and recording it (the window of at-least-once delivery).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{Backoff, Providers, PushOutcome};
+use crate::config::PushConfig;
 use crate::engine::now_ms;
 use crate::store::{OutboxEntry, Platform, PushFinal, Store, StoreError};
 
@@ -32,16 +33,28 @@ pub struct DispatchConfig {
     pub lease: Duration,
     /// Longest wait for new entries when nobody signals (entries due for retry, other nodes).
     pub idle_poll: Duration,
+    /// How often the outbox depth is sampled into the `kabao_outbox_pending` gauge.
+    pub gauge_interval: Duration,
 }
 
 impl Default for DispatchConfig {
     fn default() -> Self {
+        Self::from_push(&PushConfig::default())
+    }
+}
+
+impl DispatchConfig {
+    /// The dispatcher settings of `push` (API.md's `push_*` settings); the rest fixed.
+    pub fn from_push(push: &PushConfig) -> Self {
         Self {
-            max_attempts: 8,
-            concurrency_per_provider: 256,
-            backoff: Backoff::default(),
-            lease: Duration::from_secs(60),
+            max_attempts: push.max_attempts,
+            concurrency_per_provider: push.concurrency_per_provider,
+            backoff: Backoff { base: push.backoff_base, max: push.backoff_max },
+            // Far above the longest attempt (the request timeout, 10 s by default), so an entry
+            // in flight is never handed to a second dispatcher.
+            lease: Duration::from_secs(60).max(push.request_timeout * 3),
             idle_poll: Duration::from_millis(200),
+            gauge_interval: Duration::from_secs(5),
         }
     }
 }
@@ -61,23 +74,29 @@ pub struct Dispatcher {
 impl Dispatcher {
     /// A dispatcher named `consumer` (unique per process).
     pub fn new(store: Arc<dyn Store>, providers: Providers, config: DispatchConfig, consumer: String) -> Arc<Self> {
-        let slots = || Arc::new(Semaphore::new(config.concurrency_per_provider));
+        let slots = || Arc::new(Semaphore::new(config.concurrency_per_provider.max(1)));
         Arc::new(Self { store, providers, fcm_slots: slots(), apns_slots: slots(), config, consumer })
     }
 
     /// Takes and delivers due entries until `shutdown` is cancelled; then waits for the pushes in
-    /// flight (their leases cover a dispatcher that is killed instead).
+    /// flight (their leases cover a dispatcher that is killed instead). Samples the outbox depth
+    /// into `kabao_outbox_pending` meanwhile.
     pub async fn run(self: Arc<Self>, issued: Arc<Notify>, shutdown: CancellationToken) {
+        let sampler =
+            tokio::spawn(sample_outbox_depth(self.store.clone(), self.config.gauge_interval, shutdown.clone()));
         let in_flight = TaskTracker::new();
         loop {
-            let taken = match self.take_round(&in_flight).await {
-                Ok(n) => n,
+            let more = match self.take_round(&in_flight).await {
+                Ok(more) => more,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the push outbox; retrying");
-                    0
+                    false
                 }
             };
-            if taken > 0 {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if more {
                 continue;
             }
             tokio::select! {
@@ -88,18 +107,31 @@ impl Dispatcher {
         }
         in_flight.close();
         in_flight.wait().await;
+        sampler.abort();
     }
 
-    /// Takes as many due entries as there are free slots and starts delivering each.
-    async fn take_round(self: &Arc<Self>, in_flight: &TaskTracker) -> Result<usize, StoreError> {
-        let free = self.fcm_slots.available_permits().min(self.apns_slots.available_permits());
-        if free == 0 {
-            // Every slot busy: wait for one rather than spin.
-            drop(self.fcm_slots.acquire().await);
-            return Ok(0);
+    /// Takes as many due entries as there are free slots and starts delivering each. `true`
+    /// when another round should follow at once (entries were taken, or a slot just came free
+    /// after all were busy); `false` when nothing was due.
+    async fn take_round(self: &Arc<Self>, in_flight: &TaskTracker) -> Result<bool, StoreError> {
+        let fcm_free = self.fcm_slots.available_permits();
+        let apns_free = self.apns_slots.available_permits();
+        // Under load, take in batches: one store round trip per eighth of the slots rather than
+        // one per finished push.
+        let batch = (self.config.concurrency_per_provider / 8).max(1);
+        if fcm_free.min(apns_free) < batch {
+            // A provider's slots are (nearly) all busy: wait until a batch of them is free
+            // rather than spin, then take again at once (waiting for the idle poll here would
+            // cap throughput at one round of slots per poll interval).
+            let fuller = if fcm_free <= apns_free { &self.fcm_slots } else { &self.apns_slots };
+            let wanted = u32::try_from(batch).unwrap_or(u32::MAX);
+            drop(fuller.acquire_many(wanted).await);
+            return Ok(true);
         }
+        let free = fcm_free.min(apns_free);
         let lease_ms = self.config.lease.as_millis() as i64;
         let entries = self.store.outbox_take(&self.consumer, free.min(512), now_ms(), lease_ms).await?;
+        let taken_at = Instant::now();
         let taken = entries.len();
         for entry in entries {
             let slots = match entry.device.platform {
@@ -109,27 +141,35 @@ impl Dispatcher {
             let Ok(permit) = slots.acquire_owned().await else { break };
             let this = Arc::clone(self);
             in_flight.spawn(async move {
-                if let Err(e) = this.deliver(entry).await {
+                if let Err(e) = this.deliver_taken(entry, taken_at).await {
                     tracing::warn!(error = %e, "cannot record a push outcome; the entry is redelivered later");
                 }
                 drop(permit);
             });
         }
-        Ok(taken)
+        Ok(taken > 0)
     }
 
     /// One unit of work: sends one entry and records its outcome.
-    pub async fn deliver(&self, mut entry: OutboxEntry) -> Result<(), StoreError> {
+    pub async fn deliver(&self, entry: OutboxEntry) -> Result<(), StoreError> {
+        self.deliver_taken(entry, Instant::now()).await
+    }
+
+    /// [`Self::deliver`] of an entry taken from the outbox at `taken_at`: the push's latency
+    /// (`kabao_push_duration_seconds`) runs from then to the provider's answer.
+    async fn deliver_taken(&self, mut entry: OutboxEntry, taken_at: Instant) -> Result<(), StoreError> {
+        let provider = self.providers.for_platform(entry.device.platform);
+        let name = provider.name();
         // A device deleted (or given another token) since the coupon was issued gets nothing.
         let devices = self.store.devices(&entry.coupon.user_id).await?;
         let current = devices.iter().find(|(id, _)| *id == entry.device_id).map(|(_, d)| d);
         if current.is_none_or(|d| d.token != entry.device.token || d.platform != entry.device.platform) {
-            record_outcome("none", "dropped");
+            record_outcome(name, "dropped");
             return self.store.outbox_finish(&entry, PushFinal::Dropped, now_ms()).await;
         }
-        let provider = self.providers.for_platform(entry.device.platform);
         let outcome = provider.send(&entry.device, &entry.coupon).await;
-        let name = provider.name();
+        metrics::histogram!("kabao_push_duration_seconds", "provider" => name, "outcome" => outcome.label())
+            .record(taken_at.elapsed().as_secs_f64());
         let now = now_ms();
         match outcome {
             PushOutcome::Delivered => {
@@ -143,6 +183,9 @@ impl Dispatcher {
             }
             PushOutcome::Failed { reason } => {
                 record_outcome(name, "failed");
+                // The attempt count goes into the reason: what a store keeps of the entry may
+                // not count this last attempt.
+                let reason = format!("{reason} (attempt {})", entry.attempts + 1);
                 tracing::warn!(provider = name, coupon_id = %entry.coupon.coupon_id, %reason, "push refused; to the dead letters");
                 self.store.outbox_finish(&entry, PushFinal::Failed { reason }, now).await
             }
@@ -163,6 +206,26 @@ impl Dispatcher {
     }
 }
 
+/// `kabao_pushes_total{provider, outcome}`: one count per attempt's outcome (`delivered`,
+/// `dead_token`, `failed`, `retry`, `dropped`), by the provider of the device's platform
+/// (`fcm`, `apns`, `log`).
 fn record_outcome(provider: &'static str, outcome: &'static str) {
     metrics::counter!("kabao_pushes_total", "provider" => provider, "outcome" => outcome).increment(1);
+}
+
+/// Sets `kabao_outbox_pending` to the outbox's depth now and every `interval` until `shutdown`.
+/// In Redis mode every node reports the same shared depth.
+async fn sample_outbox_depth(store: Arc<dyn Store>, interval: Duration, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match store.outbox_len().await {
+            Ok(depth) => metrics::gauge!("kabao_outbox_pending").set(depth as f64),
+            Err(e) => tracing::debug!(error = %e, "cannot read the outbox depth"),
+        }
+    }
 }

@@ -21,6 +21,10 @@ pub struct Received {
     pub body: serde_json::Value,
     /// The status the fake answered (0 when it dropped the connection).
     pub status: u16,
+    /// When the request's head arrived: microseconds since the Unix epoch, system clock (before
+    /// any injected delay). Tests read the spacing of retries from it, benchmarks latency.
+    #[serde(default)]
+    pub received_at_us: i64,
 }
 
 /// A fault to inject: the next `times` requests to `provider` for device `token` get it instead

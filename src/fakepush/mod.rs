@@ -123,6 +123,12 @@ impl FakePush {
         self.received().into_iter().filter(|r| r.provider == provider).collect()
     }
 
+    /// How many pushes (FCM and APNs) it has accepted with success since it started — kept
+    /// also across [`Self::clear_received`], and cheap: load generators poll it.
+    pub fn accepted(&self) -> u64 {
+        self.state.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Forgets what was received.
     pub fn clear_received(&self) {
         self.state.received.lock().clear();
@@ -239,7 +245,9 @@ pub async fn start(config: FakePushConfig) -> anyhow::Result<FakePush> {
         faults: Default::default(),
         access_tokens: Default::default(),
         apns_token: Default::default(),
+        apns_verified: Default::default(),
         counter: Default::default(),
+        accepted: Default::default(),
     });
     let fake = FakePush {
         base_url,

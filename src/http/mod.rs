@@ -6,7 +6,7 @@
 //! | --- | --- |
 //! | `error.rs` | the error enum and its status/body mapping |
 //! | `auth.rs` | admin token and client JWT, who may act for whom |
-//! | `campaigns.rs`, `pings.rs`, `users.rs`, `coupons.rs`, `ops.rs` | the endpoints |
+//! | `campaigns.rs`, `pings.rs`, `users.rs`, `coupons.rs`, `pushes.rs`, `ops.rs` | the endpoints |
 //! | `openapi.rs` | `/openapi.json`, generated from the handlers' annotations |
 //! | `serve.rs` | the accept loop: connection cap, header-read and idle timeouts, hyper's own error replies |
 //! | `admission.rs` | rate limits, auth and the fair in-flight budget of the API routes |
@@ -26,6 +26,7 @@ pub mod error;
 pub mod openapi;
 pub mod ops;
 pub mod pings;
+pub mod pushes;
 pub mod rate_limit;
 pub mod schemas;
 pub mod serve;
@@ -117,6 +118,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/campaigns", post(campaigns::create).get(campaigns::list))
         .route("/v1/campaigns/{id}", get(campaigns::get_one).put(campaigns::replace).delete(campaigns::delete))
         .route("/v1/campaigns/{id}/stats", get(campaigns::stats))
+        .route("/v1/pushes/dead-letters", get(pushes::dead_letters))
         .route_layer(middleware::from_fn_with_state(state.clone(), shed_campaign_writes))
         .layer(DefaultBodyLimit::max(state.http.campaign_body_limit_bytes));
     let clients = Router::new()

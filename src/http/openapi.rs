@@ -6,7 +6,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{campaigns, coupons, error, ops, pings, schemas, users};
+use super::{campaigns, coupons, error, ops, pings, pushes, schemas, users};
 
 /// The API description.
 #[derive(OpenApi)]
@@ -18,12 +18,14 @@ use super::{campaigns, coupons, error, ops, pings, schemas, users};
         pings::ingest,
         users::put_device, users::delete_device, users::erase_user, users::wallet,
         coupons::redeem,
+        pushes::dead_letters,
         ops::healthz, ops::readyz, ops::metrics, serve,
     ),
     components(schemas(
         error::ErrorBody, error::ErrorObject, campaigns::CampaignPage, campaigns::StatsReply, campaigns::PushCounts,
         pings::PingsReply, pings::Rejected, pings::Ignored, pings::Event, pings::CouponTexts,
         users::DeviceInput, users::WalletItem, users::Wallet, coupons::RedeemInput,
+        pushes::DeadLetters, pushes::DeadLetterItem,
         schemas::PingsRequest, schemas::PingRequest, schemas::PingBatch, schemas::CampaignRequest,
     )),
     modifiers(&BearerAuth),

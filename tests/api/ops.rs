@@ -46,6 +46,7 @@ async fn every_route_is_in_the_openapi_document() {
         ("delete", "/v1/users/{user_id}"),
         ("get", "/v1/users/{user_id}/coupons"),
         ("post", "/v1/coupons/{coupon_id}/redeem"),
+        ("get", "/v1/pushes/dead-letters"),
         ("get", "/healthz"),
         ("get", "/readyz"),
         ("get", "/metrics"),
