@@ -559,12 +559,19 @@ impl EmbeddedStore {
             });
             (completion, fatal)
         });
-        // A full queue blocks briefly; the writer drains it at disk speed.
-        let writer = self.writer.clone();
-        tokio::task::spawn_blocking(move || writer.send(job))
-            .await
-            .map_err(io)?
-            .map_err(|_| io("the writer thread stopped"))?;
+        // The queue is bounded: when it is full, wait for room off the async threads (the writer
+        // drains it at disk speed); otherwise hand the job over without a thread hop.
+        match self.writer.try_send(job) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::TrySendError::Full(job)) => {
+                let writer = self.writer.clone();
+                tokio::task::spawn_blocking(move || writer.send(job))
+                    .await
+                    .map_err(io)?
+                    .map_err(|_| io("the writer thread stopped"))?;
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(io("the writer thread stopped")),
+        }
         rx.await.map_err(|_| io("the writer thread stopped"))?
     }
 
