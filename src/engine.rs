@@ -281,9 +281,9 @@ impl Engine {
         let mut report = IngestReport::default();
         for _attempt in 0..MAX_COMMIT_ATTEMPTS {
             let applied: Vec<UserApplied> =
-                users.iter().map(|user| self.apply_user(&snapshot, &pings, &order, &matched, user)).collect();
+                users.iter_mut().map(|user| self.apply_user(&snapshot, &pings, &order, &matched, user)).collect();
             let commits: Vec<UserCommit> = users.iter().zip(&applied).map(|(u, a)| self.user_commit(u, a)).collect();
-            let results = self.store.commit(commits.clone()).await.inspect_err(|_| {
+            let results = self.store.commit(commits).await.inspect_err(|_| {
                 // The outcome is unknown: the cached states may be ahead of or behind the store.
                 users.iter().for_each(|u| {
                     self.triggers.forget(&u.user_id);
@@ -291,12 +291,12 @@ impl Engine {
             })?;
 
             let mut conflicts = Vec::new();
-            for (((user, applied), commit), result) in users.into_iter().zip(applied).zip(commits).zip(results) {
+            for ((user, applied), result) in users.into_iter().zip(applied).zip(results) {
                 match result {
                     UserCommitResult::Committed { version, outcomes } => {
                         self.triggers.remember(&user.user_id, version, applied.state);
                         report.ignored.extend(applied.ignored.into_iter().map(|(k, reason)| (order[k], reason)));
-                        report.events.extend(issued_coupons(commit.issues, outcomes));
+                        report.events.extend(issued_coupons(applied.issues, outcomes));
                     }
                     UserCommitResult::Conflict { current } => {
                         metrics::counter!("kabao_state_conflicts_total").increment(1);
@@ -391,9 +391,11 @@ impl Engine {
         pings: &[Ping],
         order: &[usize],
         (hits, ends): &(Vec<Hit>, Vec<usize>),
-        user: &UserWork,
+        user: &mut UserWork,
     ) -> UserApplied {
-        let mut state = user.base.1.clone();
+        // The base is used once: a commit that succeeds caches the new state, a conflict
+        // replaces the base with the store's.
+        let mut state = std::mem::take(&mut user.base.1);
         let mut applied =
             UserApplied { state: UserState::default(), changed: false, ignored: Vec::new(), issues: Vec::new() };
         let mut fence_hits: Vec<FenceHit<'_>> = Vec::new();
@@ -442,6 +444,8 @@ impl Engine {
             // Never 0, which means "no state".
             new_version: rand::random::<u64>() | 1,
             keep_for_ms: self.keep_state_ms(),
+            // Kept in `applied` too, to report the issued coupons; empty (free to copy) for
+            // nearly every user.
             issues: applied.issues.clone(),
         }
     }
