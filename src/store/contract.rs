@@ -43,6 +43,32 @@ pub async fn store_contract_suite(store: Arc<dyn Store>) {
     campaigns_read_back_whole(&store).await;
 }
 
+/// The contract as tests, for a store's own test module: the whole suite on one store, then one
+/// test per section on a fresh store each (so a failure names its section). `$open` is an async
+/// fn returning `(Arc<dyn Store>, guard)`; the guard (a temporary directory, a `redis-server`)
+/// lives as long as the test. The list of sections is kept here once, beside the suite.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! store_contract_tests {
+    ($open:path) => {
+        $crate::store_contract_tests!(@sections $open; campaigns_crud, stats_and_id_reuse, devices, issue_dedup, issue_audience, issue_cooldown, issue_per_user_max, issue_total_max, issue_daily_cap, wallet_and_coupon, redeem, outbox, push_outcomes, user_states, commit_decides_in_event_time, campaign_feed, erase_user, concurrent_issue_never_breaks_a_cap, campaigns_read_back_whole);
+    };
+    (@sections $open:path; $($section:ident),*) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn passes_the_whole_contract_suite_on_one_store() {
+            let (store, _guard) = $open().await;
+            $crate::store::contract::store_contract_suite(store).await;
+        }
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $section() {
+                let (store, _guard) = $open().await;
+                $crate::store::contract::$section(&store).await;
+            }
+        )*
+    };
+}
+
 fn uid(s: &str) -> UserId {
     UserId::parse("user_id", s).expect("valid user id")
 }

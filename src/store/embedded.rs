@@ -1259,51 +1259,18 @@ mod tests {
 
     use super::{EmbeddedConfig, EmbeddedStore, DB_FILE};
     use crate::domain::{CampaignDoc, CampaignId, DeviceId, UserId};
-    use crate::store::{
-        contract, CampaignStore, Device, DeviceStore, IssueStore, Platform, Store, UserCommit, UserCommitResult,
-    };
+    use crate::store::{CampaignStore, Device, DeviceStore, IssueStore, Platform, Store, UserCommit, UserCommitResult};
 
     fn open(dir: &std::path::Path) -> Arc<EmbeddedStore> {
         EmbeddedStore::open(EmbeddedConfig::new(dir)).expect("opens")
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn passes_the_whole_contract_suite() {
+    async fn open_for_contract() -> (Arc<dyn Store>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        contract::store_contract_suite(open(dir.path())).await;
+        (open(dir.path()), dir)
     }
 
-    macro_rules! sections {
-        ($($section:ident),* $(,)?) => {$(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $section() {
-                let dir = tempfile::tempdir().unwrap();
-                let store: Arc<dyn Store> = open(dir.path());
-                contract::$section(&store).await;
-            }
-        )*};
-    }
-
-    sections!(
-        campaigns_crud,
-        stats_and_id_reuse,
-        devices,
-        issue_dedup,
-        issue_audience,
-        issue_cooldown,
-        issue_per_user_max,
-        issue_total_max,
-        issue_daily_cap,
-        wallet_and_coupon,
-        redeem,
-        outbox,
-        push_outcomes,
-        user_states,
-        commit_decides_in_event_time,
-        campaign_feed,
-        erase_user,
-        concurrent_issue_never_breaks_a_cap,
-    );
+    crate::store_contract_tests!(open_for_contract);
 
     fn campaign(id: &str) -> crate::domain::Campaign {
         let doc: CampaignDoc = serde_json::from_value(serde_json::json!({

@@ -535,44 +535,11 @@ mod tests {
     use std::sync::Arc;
 
     use super::MemoryStore;
-    use crate::store::{contract, Store};
+    use crate::store::Store;
 
-    fn store() -> Arc<dyn Store> {
-        Arc::new(MemoryStore::new())
+    async fn open() -> (Arc<dyn Store>, ()) {
+        (Arc::new(MemoryStore::new()), ())
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn passes_the_whole_contract_suite_on_one_store() {
-        contract::store_contract_suite(store()).await;
-    }
-
-    macro_rules! sections {
-        ($($section:ident),* $(,)?) => {$(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $section() {
-                contract::$section(&store()).await;
-            }
-        )*};
-    }
-
-    sections!(
-        campaigns_crud,
-        stats_and_id_reuse,
-        devices,
-        issue_dedup,
-        issue_audience,
-        issue_cooldown,
-        issue_per_user_max,
-        issue_total_max,
-        issue_daily_cap,
-        wallet_and_coupon,
-        redeem,
-        outbox,
-        push_outcomes,
-        user_states,
-        commit_decides_in_event_time,
-        campaign_feed,
-        erase_user,
-        concurrent_issue_never_breaks_a_cap,
-    );
+    crate::store_contract_tests!(open);
 }

@@ -916,27 +916,18 @@ mod tests {
 
     use super::test_server::RedisServer;
     use super::{user_key, RedisStore};
-    use crate::store::{contract, Store, StoreError};
+    use crate::store::{Store, StoreError};
 
     async fn store(server: &RedisServer) -> Arc<dyn Store> {
         Arc::new(RedisStore::connect(&server.url()).await.expect("connect"))
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn passes_the_whole_contract_suite_on_one_store() {
+    async fn open_for_contract() -> (Arc<dyn Store>, RedisServer) {
         let server = RedisServer::start();
-        contract::store_contract_suite(store(&server).await).await;
+        (store(&server).await, server)
     }
 
-    macro_rules! sections {
-        ($($section:ident),* $(,)?) => {$(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $section() {
-                let server = RedisServer::start();
-                contract::$section(&store(&server).await).await;
-            }
-        )*};
-    }
+    crate::store_contract_tests!(open_for_contract);
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_redis_that_does_not_answer_is_unavailable_not_a_hang() {
@@ -995,26 +986,4 @@ mod tests {
         store.health().await.expect("serving again");
         assert!(store.devices(&user).await.unwrap().is_empty());
     }
-
-    sections!(
-        campaigns_crud,
-        stats_and_id_reuse,
-        devices,
-        issue_dedup,
-        issue_audience,
-        issue_cooldown,
-        issue_per_user_max,
-        issue_total_max,
-        issue_daily_cap,
-        wallet_and_coupon,
-        redeem,
-        outbox,
-        push_outcomes,
-        user_states,
-        commit_decides_in_event_time,
-        campaign_feed,
-        erase_user,
-        concurrent_issue_never_breaks_a_cap,
-        campaigns_read_back_whole,
-    );
 }
