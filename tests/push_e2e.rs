@@ -14,16 +14,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
 use kabao::app::Application;
 use kabao::config::{Config, PushConfig, PushProviderKind};
-use kabao::domain::{Campaign, CampaignId, CouponId, DeviceId, UserId};
 use kabao::fakepush::{self, FakePush, FakePushConfig, Fault, Received};
+use kabao::store::hooked::Hooked;
 use kabao::store::memory::MemoryStore;
-use kabao::store::{
-    CampaignChanges, CampaignStats, CampaignStore, CouponRecord, DeadLetter, Device, DeviceStore, IssueStore,
-    OutboxEntry, OutboxStore, PushFinal, RedeemError, Store, StoreError, UserCommit, UserCommitResult, UserStateRecord,
-};
+use kabao::store::{Store, StoreError};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -92,7 +88,9 @@ struct Harness {
     fake: FakePush,
     base: String,
     http: reqwest::Client,
-    store: Arc<GatedStore>,
+    store: Arc<dyn Store>,
+    /// While set, the dispatchers take nothing from the outbox.
+    outbox_closed: Arc<AtomicBool>,
     _stops: Vec<oneshot::Sender<()>>,
 }
 
@@ -105,7 +103,8 @@ impl Harness {
     /// `n` nodes sharing one store (and so one outbox), all pointed at one fake.
     async fn nodes(n: usize, tune: impl Fn(&mut Config)) -> Self {
         let fake = fakepush::start(FakePushConfig::for_tests(scratch_dir())).await.unwrap();
-        let store = Arc::new(GatedStore::new());
+        let outbox_closed = Arc::new(AtomicBool::new(false));
+        let store = gated_store(outbox_closed.clone());
         let mut stops = Vec::new();
         let mut base = String::new();
         for _ in 0..n {
@@ -120,7 +119,7 @@ impl Harness {
             }));
             stops.push(stop);
         }
-        Self { fake, base, http: reqwest::Client::new(), store, _stops: stops }
+        Self { fake, base, http: reqwest::Client::new(), store, outbox_closed, _stops: stops }
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
@@ -430,12 +429,13 @@ async fn a_device_deleted_between_issue_and_delivery_gets_nothing() {
     h.device("gina", "pixel", "fcm", "fcm-token-gina").await;
     h.device("gina", "iphone", "apns", APNS_TOKEN).await;
     // The dispatcher is held off the outbox while the coupon is issued and a device deleted.
-    h.store.close_gate();
+    h.outbox_closed.store(true, Ordering::SeqCst);
     h.ping_inside("gina", now_ms() - 60_000).await;
     assert_eq!(h.store.outbox_len().await.unwrap(), 2, "one push per device queued at issue");
     let (status, _) = h.call(reqwest::Method::DELETE, "/v1/users/gina/devices/pixel", None).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    h.store.open_gate();
+    // The dispatcher finds the entries at its next poll.
+    h.outbox_closed.store(false, Ordering::SeqCst);
 
     h.pushes_become("c1", stats(1, 0, 0, 0)).await;
     h.outbox_drained().await;
@@ -502,102 +502,14 @@ async fn metrics_count_pushes_by_provider_and_outcome_with_latency_and_outbox_de
     }
 }
 
-/// A [`MemoryStore`] whose outbox can be closed: while the gate is closed `outbox_take` hands
-/// out nothing (as if every entry were leased elsewhere), so a test can change the world between
-/// issue and delivery. Everything else goes straight to the memory store.
-struct GatedStore {
-    inner: MemoryStore,
-    closed: AtomicBool,
-}
-
-impl GatedStore {
-    fn new() -> Self {
-        Self { inner: MemoryStore::new(), closed: AtomicBool::new(false) }
-    }
-
-    fn close_gate(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-    }
-
-    /// The dispatcher finds the entries at its next poll (`idle_poll`).
-    fn open_gate(&self) {
-        self.closed.store(false, Ordering::SeqCst);
-    }
-}
-
-/// Implements a store role for [`GatedStore`] by delegating each listed method.
-macro_rules! delegate {
-    ($role:ident { $($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)* } $($extra:item)*) => {
-        #[async_trait]
-        impl $role for GatedStore {
-            $($extra)*
-            $(
-                async fn $name(&self, $($arg: $ty),*) -> $ret {
-                    self.inner.$name($($arg),*).await
-                }
-            )*
+/// A memory store whose outbox can be closed: while `closed` is set, `outbox_take` fails (the
+/// dispatcher then finds nothing, as if every entry were leased elsewhere, and polls again), so a
+/// test can change the world between issue and delivery. Everything else goes straight through.
+fn gated_store(closed: Arc<AtomicBool>) -> Arc<dyn Store> {
+    Arc::new(Hooked::new(Arc::new(MemoryStore::new()), move |method| {
+        if method == "outbox_take" && closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("the test holds the outbox closed".into()));
         }
-    };
-}
-
-delegate! {
-    CampaignStore {
-        insert_campaign(campaign: Campaign) -> Result<Arc<Campaign>, StoreError>;
-        replace_campaign(campaign: Campaign) -> Result<Arc<Campaign>, StoreError>;
-        delete_campaign(id: &CampaignId) -> Result<u64, StoreError>;
-        campaign(id: &CampaignId) -> Result<Option<Arc<Campaign>>, StoreError>;
-        campaigns_page(after: Option<&str>, limit: usize) -> Result<Vec<Arc<Campaign>>, StoreError>;
-        all_campaigns() -> Result<(u64, Vec<Arc<Campaign>>), StoreError>;
-        campaign_changes(since: u64) -> Result<CampaignChanges, StoreError>;
-        campaign_stats(id: &CampaignId) -> Result<CampaignStats, StoreError>;
-    }
-}
-
-delegate! {
-    DeviceStore {
-        put_device(user: &UserId, device: &DeviceId, value: Device) -> Result<(), StoreError>;
-        delete_device(user: &UserId, device: &DeviceId) -> Result<bool, StoreError>;
-        devices(user: &UserId) -> Result<Vec<(DeviceId, Device)>, StoreError>;
-        erase_user(user: &UserId) -> Result<(), StoreError>;
-    }
-}
-
-delegate! {
-    IssueStore {
-        load_user_states(users: &[UserId]) -> Result<Vec<Option<UserStateRecord>>, StoreError>;
-        commit(commits: Vec<UserCommit>) -> Result<Vec<UserCommitResult>, StoreError>;
-        wallet(user: &UserId) -> Result<Vec<CouponRecord>, StoreError>;
-        coupon(id: &CouponId) -> Result<Option<CouponRecord>, StoreError>;
-        redeem(id: &CouponId, merchant_id: &str, now_ms: i64) -> Result<CouponRecord, RedeemError>;
-    }
-}
-
-delegate! {
-    OutboxStore {
-        outbox_retry(entry: &OutboxEntry, attempts: u32, not_before_ms: i64) -> Result<(), StoreError>;
-        outbox_finish(entry: &OutboxEntry, outcome: PushFinal, now_ms: i64) -> Result<(), StoreError>;
-        outbox_len() -> Result<u64, StoreError>;
-        dead_letters(limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
-    }
-    async fn outbox_take(
-        &self,
-        consumer: &str,
-        max: usize,
-        now_ms: i64,
-        lease_ms: i64,
-    ) -> Result<Vec<OutboxEntry>, StoreError> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Ok(Vec::new());
-        }
-        self.inner.outbox_take(consumer, max, now_ms, lease_ms).await
-    }
-}
-
-delegate! {
-    Store {
-        health() -> Result<(), StoreError>;
-    }
-    fn kind(&self) -> &'static str {
-        "gated-memory"
-    }
+        Ok(())
+    }))
 }

@@ -23,6 +23,8 @@
 #[doc(hidden)]
 pub mod contract;
 pub mod embedded;
+#[doc(hidden)]
+pub mod hooked;
 pub mod memory;
 pub mod redis;
 pub mod rules;

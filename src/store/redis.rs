@@ -177,11 +177,9 @@ async fn open(url: &str) -> Result<ConnectionManager, StoreError> {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://` or `rediss://`), writing the store identity if this Redis has
-    /// none (first use) and remembering it.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let conn = open(url).await?;
-        let store = Self {
+    /// A store over a fresh connection, identity not yet known.
+    fn over(conn: ConnectionManager) -> Self {
+        Self {
             inner: Arc::new(Inner {
                 conn,
                 scripts: Scripts::new(),
@@ -192,7 +190,13 @@ impl RedisStore {
                 reload: AtomicBool::new(false),
                 recovering: AtomicBool::new(false),
             }),
-        };
+        }
+    }
+
+    /// Connects to `url` (`redis://` or `rediss://`), writing the store identity if this Redis has
+    /// none (first use) and remembering it.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let store = Self::over(open(url).await?);
         let (id, _) = store.identity_call("first-use").await?;
         *store.inner.identity.lock() = id;
         Ok(store)
@@ -202,19 +206,7 @@ impl RedisStore {
     /// operator's `kabao store adopt`): every running node accepts the data as it now is.
     /// Returns the new identity.
     pub async fn adopt(url: &str) -> Result<String, StoreError> {
-        let conn = open(url).await?;
-        let store = Self {
-            inner: Arc::new(Inner {
-                conn,
-                scripts: Scripts::new(),
-                identity: Mutex::new(String::new()),
-                lost: Mutex::new(None),
-                round_trips: AtomicU64::new(0),
-                max_revision: AtomicU64::new(0),
-                reload: AtomicBool::new(false),
-                recovering: AtomicBool::new(false),
-            }),
-        };
+        let store = Self::over(open(url).await?);
         Ok(store.identity_call("adopt").await?.0)
     }
 

@@ -9,16 +9,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use kabao::app::Application;
 use kabao::config::Config;
-use kabao::domain::{Campaign, CampaignId, CouponId, DeviceId, UserId};
+use kabao::store::hooked::Hooked;
 use kabao::store::memory::MemoryStore;
-use kabao::store::{
-    CampaignChanges, CampaignStats, CampaignStore, CouponRecord, DeadLetter, Device, DeviceStore, IssueStore,
-    OutboxEntry, OutboxStore, PushFinal, RedeemError, Store, StoreError, UserCommit, UserCommitResult, UserStateRecord,
-};
+use kabao::store::{Store, StoreError};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -293,98 +289,18 @@ pub fn event_campaigns(reply: &Reply) -> Vec<String> {
     ids
 }
 
-/// A store that delegates to a [`MemoryStore`] until it is switched "down", then fails every
-/// call with `Unavailable` (a lost Redis, say).
-pub struct FlakyStore {
-    inner: MemoryStore,
-    down: AtomicBool,
-}
-
-impl FlakyStore {
-    /// A working store.
-    pub fn new() -> Self {
-        Self { inner: MemoryStore::new(), down: AtomicBool::new(false) }
-    }
-
-    /// Switches failure on or off.
-    pub fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
-    }
-
-    fn check(&self) -> Result<(), StoreError> {
-        if self.down.load(Ordering::SeqCst) {
+/// A memory store that fails every call with `Unavailable` while its switch is on (a lost
+/// Redis, say), and the switch.
+pub fn flaky_store() -> (Arc<dyn Store>, Arc<AtomicBool>) {
+    let down = Arc::new(AtomicBool::new(false));
+    let switch = down.clone();
+    let store = Hooked::new(Arc::new(MemoryStore::new()), move |_| {
+        if switch.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("test store is down".into()));
         }
         Ok(())
-    }
-}
-
-/// Implements a store role for [`FlakyStore`]: each listed method checks the switch, then
-/// delegates to the inner store.
-macro_rules! delegate_when_up {
-    ($role:ident { $($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)* } $($extra:item)*) => {
-        #[async_trait]
-        impl $role for FlakyStore {
-            $($extra)*
-            $(
-                async fn $name(&self, $($arg: $ty),*) -> $ret {
-                    self.check()?;
-                    self.inner.$name($($arg),*).await
-                }
-            )*
-        }
-    };
-}
-
-delegate_when_up! {
-    CampaignStore {
-        insert_campaign(campaign: Campaign) -> Result<Arc<Campaign>, StoreError>;
-        replace_campaign(campaign: Campaign) -> Result<Arc<Campaign>, StoreError>;
-        delete_campaign(id: &CampaignId) -> Result<u64, StoreError>;
-        campaign(id: &CampaignId) -> Result<Option<Arc<Campaign>>, StoreError>;
-        campaigns_page(after: Option<&str>, limit: usize) -> Result<Vec<Arc<Campaign>>, StoreError>;
-        all_campaigns() -> Result<(u64, Vec<Arc<Campaign>>), StoreError>;
-        campaign_changes(since: u64) -> Result<CampaignChanges, StoreError>;
-        campaign_stats(id: &CampaignId) -> Result<CampaignStats, StoreError>;
-    }
-}
-
-delegate_when_up! {
-    DeviceStore {
-        put_device(user: &UserId, device: &DeviceId, value: Device) -> Result<(), StoreError>;
-        delete_device(user: &UserId, device: &DeviceId) -> Result<bool, StoreError>;
-        devices(user: &UserId) -> Result<Vec<(DeviceId, Device)>, StoreError>;
-        erase_user(user: &UserId) -> Result<(), StoreError>;
-    }
-}
-
-delegate_when_up! {
-    IssueStore {
-        load_user_states(users: &[UserId]) -> Result<Vec<Option<UserStateRecord>>, StoreError>;
-        commit(commits: Vec<UserCommit>) -> Result<Vec<UserCommitResult>, StoreError>;
-        wallet(user: &UserId) -> Result<Vec<CouponRecord>, StoreError>;
-        coupon(id: &CouponId) -> Result<Option<CouponRecord>, StoreError>;
-        redeem(id: &CouponId, merchant_id: &str, now_ms: i64) -> Result<CouponRecord, RedeemError>;
-    }
-}
-
-delegate_when_up! {
-    OutboxStore {
-        outbox_take(consumer: &str, max: usize, now_ms: i64, lease_ms: i64) -> Result<Vec<OutboxEntry>, StoreError>;
-        outbox_retry(entry: &OutboxEntry, attempts: u32, not_before_ms: i64) -> Result<(), StoreError>;
-        outbox_finish(entry: &OutboxEntry, outcome: PushFinal, now_ms: i64) -> Result<(), StoreError>;
-        outbox_len() -> Result<u64, StoreError>;
-        dead_letters(limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
-    }
-}
-
-delegate_when_up! {
-    Store {
-        health() -> Result<(), StoreError>;
-    }
-    fn kind(&self) -> &'static str {
-        "flaky-memory"
-    }
+    });
+    (Arc::new(store), down)
 }
 
 impl TestApp {

@@ -1,6 +1,6 @@
 //! Operations: health, readiness, metrics, OpenAPI, shedding, a store that goes away, shutdown.
 
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use reqwest::{Method, StatusCode};
 use serde_json::json;
@@ -121,11 +121,11 @@ async fn campaign_writes_beyond_the_bound_are_shed_while_reads_go_on() {
 
 #[tokio::test]
 async fn a_store_that_is_down_is_503_with_retry_after_and_nothing_half_applied() {
-    let store = Arc::new(FlakyStore::new());
-    let app = spawn_over(|_| {}, store.clone()).await;
+    let (store, down) = flaky_store();
+    let app = spawn_over(|_| {}, store).await;
     app.create(&campaign("kept")).await;
 
-    store.set_down(true);
+    down.store(true, Ordering::SeqCst);
     let ready = app.get("/readyz").await;
     ready.assert_error(503, "unavailable");
     assert!(ready.retry_after.is_some());
@@ -136,7 +136,7 @@ async fn a_store_that_is_down_is_503_with_retry_after_and_nothing_half_applied()
     let t = t0();
     app.post("/v1/pings", &json!({"pings": [inside("u", t)]})).await.assert_error(503, "unavailable");
 
-    store.set_down(false);
+    down.store(false, Ordering::SeqCst);
     assert_eq!(app.get("/readyz").await.status, StatusCode::OK);
     assert_eq!(app.campaign_ids().await, ["kept"]);
     assert!(app.wallet("u").await.is_empty());
