@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
-use kabao::config::{PushConfig, PushProviderKind};
+use kabao::config::PushConfig;
 use kabao::dispatch::providers_from_config;
 use kabao::dispatch::worker::{DispatchConfig, Dispatcher};
 use kabao::domain::{CampaignDoc, CampaignId, Caps, CouponId, DeviceId, FenceId, UserId};
@@ -114,19 +114,7 @@ async fn main() -> anyhow::Result<()> {
 
     let dir = std::env::temp_dir().join(format!("kabao-bench-push-{}", std::process::id()));
     let fake = fakepush::start(FakePushConfig::for_tests(&dir)).await?;
-    let push = PushConfig {
-        provider: PushProviderKind::Auto,
-        fcm_credentials: Some(fake.service_account_path.clone()),
-        fcm_base_url: fake.base_url.clone(),
-        apns_key_file: Some(fake.apns_key_path.clone()),
-        apns_key_id: Some(fake.apns_key_id.clone()),
-        apns_team_id: Some(fake.apns_team_id.clone()),
-        apns_topic: Some(fake.apns_topic.clone()),
-        apns_base_url: fake.base_url.clone(),
-        ca_file: Some(fake.ca_pem_path.clone()),
-        concurrency_per_provider: concurrency,
-        ..PushConfig::default()
-    };
+    let push = PushConfig { concurrency_per_provider: concurrency, ..fake.push_config() };
     let providers = providers_from_config(&push)?;
 
     let store = Arc::new(MemoryStore::new());

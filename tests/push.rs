@@ -402,17 +402,7 @@ async fn each_apns_fault_ends_in_its_outcome() {
 #[tokio::test]
 async fn providers_from_config_reads_the_fakes_files_and_routes_by_platform() {
     let fake = fake(kabao::dispatch::clock::system()).await;
-    let config = PushConfig {
-        fcm_credentials: Some(fake.service_account_path.clone()),
-        fcm_base_url: fake.base_url.clone(),
-        apns_key_file: Some(fake.apns_key_path.clone()),
-        apns_key_id: Some(fake.apns_key_id.clone()),
-        apns_team_id: Some(fake.apns_team_id.clone()),
-        apns_topic: Some(fake.apns_topic.clone()),
-        apns_base_url: fake.base_url.clone(),
-        ca_file: Some(fake.ca_pem_path.clone()),
-        ..PushConfig::default()
-    };
+    let config = fake.push_config();
     let providers = providers_from_config(&config).unwrap();
     assert_eq!((providers.fcm.name(), providers.apns.name()), ("fcm", "apns"));
     for platform in [Platform::Fcm, Platform::Apns] {

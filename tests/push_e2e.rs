@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kabao::app::Application;
-use kabao::config::{Config, PushConfig, PushProviderKind};
+use kabao::config::{Config, PushConfig};
 use kabao::fakepush::{self, FakePush, FakePushConfig, Fault, Received};
 use kabao::store::hooked::Hooked;
 use kabao::store::memory::MemoryStore;
@@ -66,20 +66,10 @@ where
 /// The push settings pointing kabao at `fake`, with millisecond backoff.
 fn push_config(fake: &FakePush) -> PushConfig {
     PushConfig {
-        provider: PushProviderKind::Auto,
-        fcm_credentials: Some(fake.service_account_path.clone()),
-        fcm_project_id: None,
-        fcm_base_url: fake.base_url.clone(),
-        apns_key_file: Some(fake.apns_key_path.clone()),
-        apns_key_id: Some(fake.apns_key_id.clone()),
-        apns_team_id: Some(fake.apns_team_id.clone()),
-        apns_topic: Some(fake.apns_topic.clone()),
-        apns_base_url: fake.base_url.clone(),
-        ca_file: Some(fake.ca_pem_path.clone()),
         max_attempts: 4,
         backoff_base: Duration::from_millis(5),
         backoff_max: Duration::from_millis(50),
-        ..PushConfig::default()
+        ..fake.push_config()
     }
 }
 

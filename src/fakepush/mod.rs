@@ -159,6 +159,23 @@ impl FakePush {
         ]
     }
 
+    /// The same settings as a [`PushConfig`](crate::config::PushConfig) (`provider` auto, API.md's
+    /// defaults for the rest), for a kabao built in process.
+    pub fn push_config(&self) -> crate::config::PushConfig {
+        crate::config::PushConfig {
+            provider: crate::config::PushProviderKind::Auto,
+            fcm_credentials: Some(self.service_account_path.clone()),
+            fcm_base_url: self.base_url.clone(),
+            apns_key_file: Some(self.apns_key_path.clone()),
+            apns_key_id: Some(self.apns_key_id.clone()),
+            apns_team_id: Some(self.apns_team_id.clone()),
+            apns_topic: Some(self.apns_topic.clone()),
+            apns_base_url: self.base_url.clone(),
+            ca_file: Some(self.ca_pem_path.clone()),
+            ..crate::config::PushConfig::default()
+        }
+    }
+
     /// Stops accepting connections (also on drop).
     pub fn shutdown(&self) {
         self.shutdown.cancel();
