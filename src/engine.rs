@@ -218,10 +218,7 @@ impl Engine {
     /// (the change feed repeats this node's own writes, and may deliver changes late).
     fn apply_change(&self, change: CampaignChange) {
         let mut applied = self.applied.lock();
-        let (id, revision) = match &change {
-            CampaignChange::Upsert(campaign) => (&campaign.id, campaign.revision),
-            CampaignChange::Delete { id, revision } => (id, *revision),
-        };
+        let (id, revision) = (change.campaign_id(), change.revision());
         if applied.get(id).is_some_and(|&known| known >= revision) {
             return;
         }

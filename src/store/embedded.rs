@@ -23,7 +23,6 @@
 //!
 //! The rules are those of [`rules`], shared with the in-memory store.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -36,12 +35,11 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::memory::change_revision;
 use super::rules::{self, IssueView};
 use super::{
-    CampaignChange, CampaignChanges, CampaignStats, CampaignStore, CouponRecord, DeadLetter, Device, DeviceStore,
-    IssueOutcome, IssueStore, IssuedCoupon, OutboxEntry, OutboxStore, PushFinal, PushStats, RedeemError, Store,
-    StoreError, UserCommit, UserCommitResult, UserStateRecord,
+    CampaignChange, CampaignChanges, CampaignStats, CampaignStore, ChangeLog, CouponRecord, DeadLetter, Device,
+    DeviceStore, IssueOutcome, IssueStore, IssuedCoupon, OutboxEntry, OutboxStore, PushFinal, PushStats, RedeemError,
+    Store, StoreError, UserCommit, UserCommitResult, UserStateRecord,
 };
 use crate::domain::{Campaign, CampaignDoc, CampaignId, CouponId, DeviceId, UserId};
 
@@ -52,8 +50,6 @@ pub const IDENTITY_FILE: &str = "IDENTITY";
 /// The format this build writes and reads. Bumped on any change to the tables' layout.
 pub const FORMAT: u32 = 1;
 
-/// Campaign changes kept in memory for the change feed (one node: only its own writes).
-const CHANGES_KEPT: usize = 4096;
 /// Dead letters kept (the oldest are dropped first).
 const DEAD_LETTERS_KEPT: u64 = 10_000;
 /// Most writes applied in one transaction.
@@ -128,8 +124,8 @@ struct Memory {
     dirty: FxHashSet<UserId>,
     /// Outbox sequence → server time its lease ends.
     leases: FxHashMap<u64, i64>,
-    /// The newest campaign changes, for the change feed.
-    changes: VecDeque<CampaignChange>,
+    /// The newest campaign changes, for the change feed (one node: only its own writes).
+    changes: ChangeLog,
     meta: MetaCounters,
 }
 
@@ -707,13 +703,6 @@ fn campaign_of(bytes: &[u8]) -> Result<Arc<Campaign>, StoreError> {
     Ok(Arc::new(campaign))
 }
 
-fn log_change(memory: &mut Memory, change: CampaignChange) {
-    if memory.changes.len() == CHANGES_KEPT {
-        memory.changes.pop_front();
-    }
-    memory.changes.push_back(change);
-}
-
 #[async_trait]
 impl CampaignStore for EmbeddedStore {
     async fn insert_campaign(&self, mut campaign: Campaign) -> Result<Arc<Campaign>, StoreError> {
@@ -729,7 +718,7 @@ impl CampaignStore for EmbeddedStore {
             let counters = Counters { incarnation: memory.meta.last_incarnation, stats: CampaignStats::default() };
             tables.counters.insert(campaign.id.as_str(), encode(&counters).as_slice()).map_err(io)?;
             let campaign = Arc::new(campaign);
-            log_change(memory, CampaignChange::Upsert(campaign.clone()));
+            memory.changes.push(CampaignChange::Upsert(campaign.clone()));
             Ok(campaign)
         })
         .await
@@ -745,7 +734,7 @@ impl CampaignStore for EmbeddedStore {
             let record = CampaignRecord { revision: campaign.revision, doc: campaign.to_doc() };
             tables.campaigns.insert(campaign.id.as_str(), encode(&record).as_slice()).map_err(io)?;
             let campaign = Arc::new(campaign);
-            log_change(memory, CampaignChange::Upsert(campaign.clone()));
+            memory.changes.push(CampaignChange::Upsert(campaign.clone()));
             Ok(campaign)
         })
         .await
@@ -760,7 +749,7 @@ impl CampaignStore for EmbeddedStore {
             tables.counters.remove(id.as_str()).map_err(io)?;
             memory.meta.revision += 1;
             let revision = memory.meta.revision;
-            log_change(memory, CampaignChange::Delete { id, revision });
+            memory.changes.push(CampaignChange::Delete { id, revision });
             Ok(revision)
         })
         .await
@@ -808,11 +797,7 @@ impl CampaignStore for EmbeddedStore {
     async fn campaign_changes(&self, since: u64) -> Result<CampaignChanges, StoreError> {
         self.check()?;
         let memory = self.memory.lock();
-        let revision = memory.meta.revision;
-        let oldest_kept = memory.changes.front().map_or(revision + 1, change_revision);
-        let changes = (since >= revision || oldest_kept <= since + 1)
-            .then(|| memory.changes.iter().filter(|c| change_revision(c) > since).cloned().collect());
-        Ok(CampaignChanges { revision, changes })
+        Ok(memory.changes.since(since, memory.meta.revision))
     }
 
     async fn campaign_stats(&self, id: &CampaignId) -> Result<CampaignStats, StoreError> {

@@ -30,14 +30,12 @@ use rustc_hash::FxHashMap;
 
 use super::rules::{self, IssueView};
 use super::{
-    CampaignChange, CampaignChanges, CampaignStats, CampaignStore, CouponRecord, DeadLetter, Device, DeviceStore,
-    IssueOutcome, IssueStore, IssuedCoupon, OutboxEntry, OutboxStore, PushFinal, RedeemError, Store, StoreError,
-    UserCommit, UserCommitResult, UserStateRecord,
+    CampaignChange, CampaignChanges, CampaignStats, CampaignStore, ChangeLog, CouponRecord, DeadLetter, Device,
+    DeviceStore, IssueOutcome, IssueStore, IssuedCoupon, OutboxEntry, OutboxStore, PushFinal, RedeemError, Store,
+    StoreError, UserCommit, UserCommitResult, UserStateRecord,
 };
 use crate::domain::{Campaign, CampaignId, CouponId, DeviceId, UserId};
 
-/// Campaign changes kept for the change feed; a follower further behind reloads everything.
-const CHANGES_KEPT: usize = 4096;
 /// Dead letters kept (the oldest are dropped first).
 const DEAD_LETTERS_KEPT: usize = 10_000;
 
@@ -61,7 +59,7 @@ struct State {
     /// The store's campaign revision: bumped by every campaign write.
     revision: u64,
     /// The newest campaign changes, oldest first, for the change feed.
-    changes: VecDeque<CampaignChange>,
+    changes: ChangeLog,
     /// Issue counters of each campaign (incarnation), created on insert or on first issue.
     counters: FxHashMap<CampaignId, Counters>,
     /// Last incarnation number handed out (see [`Counters::incarnation`]).
@@ -163,13 +161,6 @@ impl State {
         self.revision
     }
 
-    fn log_change(&mut self, change: CampaignChange) {
-        if self.changes.len() == CHANGES_KEPT {
-            self.changes.pop_front();
-        }
-        self.changes.push_back(change);
-    }
-
     /// Records an allowed coupon: wallet, counters, the coupon record and a push per device.
     fn record(&mut self, coupon: &IssuedCoupon) {
         let last_incarnation = &mut self.last_incarnation;
@@ -236,7 +227,7 @@ impl CampaignStore for MemoryStore {
         let counters = state.new_counters();
         state.counters.insert(campaign.id.clone(), counters);
         state.campaigns.insert(campaign.id.clone(), campaign.clone());
-        state.log_change(CampaignChange::Upsert(campaign.clone()));
+        state.changes.push(CampaignChange::Upsert(campaign.clone()));
         Ok(campaign)
     }
 
@@ -248,7 +239,7 @@ impl CampaignStore for MemoryStore {
         campaign.revision = state.next_revision();
         let campaign = Arc::new(campaign);
         state.campaigns.insert(campaign.id.clone(), campaign.clone());
-        state.log_change(CampaignChange::Upsert(campaign.clone()));
+        state.changes.push(CampaignChange::Upsert(campaign.clone()));
         Ok(campaign)
     }
 
@@ -257,7 +248,7 @@ impl CampaignStore for MemoryStore {
         state.campaigns.remove(id).ok_or(StoreError::NotFound)?;
         state.counters.remove(id);
         let revision = state.next_revision();
-        state.log_change(CampaignChange::Delete { id: id.clone(), revision });
+        state.changes.push(CampaignChange::Delete { id: id.clone(), revision });
         Ok(revision)
     }
 
@@ -278,24 +269,11 @@ impl CampaignStore for MemoryStore {
 
     async fn campaign_changes(&self, since: u64) -> Result<CampaignChanges, StoreError> {
         let state = self.state.lock();
-        let revision = state.revision;
-        let oldest_kept = state.changes.front().map_or(revision + 1, change_revision);
-        // Complete only if nothing after `since` was dropped from the log.
-        let changes = (since >= revision || oldest_kept <= since + 1)
-            .then(|| state.changes.iter().filter(|c| change_revision(c) > since).cloned().collect());
-        Ok(CampaignChanges { revision, changes })
+        Ok(state.changes.since(since, state.revision))
     }
 
     async fn campaign_stats(&self, id: &CampaignId) -> Result<CampaignStats, StoreError> {
         Ok(self.state.lock().counters.get(id).map_or_else(CampaignStats::default, |c| c.stats))
-    }
-}
-
-/// The store revision a change was made at.
-pub(crate) fn change_revision(change: &CampaignChange) -> u64 {
-    match change {
-        CampaignChange::Upsert(campaign) => campaign.revision,
-        CampaignChange::Delete { revision, .. } => *revision,
     }
 }
 

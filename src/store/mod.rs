@@ -316,6 +316,53 @@ pub enum CampaignChange {
     },
 }
 
+impl CampaignChange {
+    /// The campaign changed.
+    pub fn campaign_id(&self) -> &CampaignId {
+        match self {
+            CampaignChange::Upsert(campaign) => &campaign.id,
+            CampaignChange::Delete { id, .. } => id,
+        }
+    }
+
+    /// The store revision the change was made at.
+    pub fn revision(&self) -> u64 {
+        match self {
+            CampaignChange::Upsert(campaign) => campaign.revision,
+            CampaignChange::Delete { revision, .. } => *revision,
+        }
+    }
+}
+
+/// The newest campaign changes of a store that keeps its change feed in memory (the in-memory
+/// and the embedded store): a follower further behind than the log reloads everything.
+#[derive(Debug, Default)]
+pub(crate) struct ChangeLog {
+    /// Oldest first, at most [`ChangeLog::KEPT`].
+    kept: std::collections::VecDeque<CampaignChange>,
+}
+
+impl ChangeLog {
+    const KEPT: usize = 4096;
+
+    /// Records a change (the oldest is dropped once the log is full).
+    pub(crate) fn push(&mut self, change: CampaignChange) {
+        if self.kept.len() == Self::KEPT {
+            self.kept.pop_front();
+        }
+        self.kept.push_back(change);
+    }
+
+    /// The feed's answer after revision `since`, when the store's revision is `revision`.
+    pub(crate) fn since(&self, since: u64, revision: u64) -> CampaignChanges {
+        let oldest_kept = self.kept.front().map_or(revision + 1, CampaignChange::revision);
+        // Complete only if nothing after `since` was dropped from the log.
+        let changes = (since >= revision || oldest_kept <= since + 1)
+            .then(|| self.kept.iter().filter(|c| c.revision() > since).cloned().collect());
+        CampaignChanges { revision, changes }
+    }
+}
+
 /// What [`CampaignStore::campaign_changes`] answers.
 #[derive(Debug, Clone, Default)]
 pub struct CampaignChanges {
