@@ -110,12 +110,13 @@ fn caps(per_user_cooldown_s: i64, per_user_max: i64, total_max: i64) -> Caps {
     Caps { per_user_cooldown_s, per_user_max, total_max }
 }
 
-fn candidate(campaign: &str, user: &str, ts_ms: i64, caps: Caps) -> IssueCandidate {
+/// A candidate of `campaign` for `user` at `ts_ms` with `caps`, everyone in its audience.
+pub fn candidate(campaign: &str, user: &str, ts_ms: i64, caps: Caps) -> IssueCandidate {
     IssueCandidate { coupon: coupon(campaign, user, ts_ms), caps, audience_tags: Arc::from(Vec::new()) }
 }
 
 /// Issues one candidate (no daily cap) and returns its outcome.
-async fn issue_one(store: &Arc<dyn Store>, candidate: IssueCandidate) -> IssueOutcome {
+pub async fn issue_one(store: &Arc<dyn Store>, candidate: IssueCandidate) -> IssueOutcome {
     let request = IssueRequest {
         user_id: candidate.coupon.user_id.clone(),
         ts_ms: candidate.coupon.issued_at_ms,

@@ -23,7 +23,7 @@
 //!
 //! The rules are those of [`rules`], shared with the in-memory store.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -244,6 +244,14 @@ fn newest_first(n: i64) -> [u8; 8] {
 
 fn wallet_key(user: &UserId, issued_at_ms: i64, coupon: &CouponId) -> Vec<u8> {
     key(&[user.as_str().as_bytes(), &newest_first(issued_at_ms), coupon.as_str().as_bytes()])
+}
+
+/// The coupon id that ends a wallet key (user, time, coupon id) or an expiry key (time, coupon
+/// id): what follows the fixed-size time part at `time_at`.
+fn coupon_id_after_time(key: &[u8], time_at: usize) -> Result<&str, StoreError> {
+    // The time part is its 2-byte length and 8 bytes; then the id's 2-byte length.
+    let id = key.get(time_at + 12..).ok_or_else(|| io("damaged key"))?;
+    std::str::from_utf8(id).map_err(io)
 }
 
 fn user_prefix(user: &UserId) -> Vec<u8> {
@@ -605,14 +613,15 @@ impl EmbeddedStore {
     pub async fn purge_expired(&self, now_ms: i64) -> Result<usize, StoreError> {
         let before = now_ms.saturating_sub(self.config.retention.as_millis() as i64);
         self.write(move |tables, _| {
-            let end = ordered(before);
+            // The bound is encoded like the keys (length-prefixed), so it sorts among them.
+            let end = key(&[&ordered(before)]);
             let mut doomed = Vec::new();
             for row in tables.expiries.range(..end.as_slice()).map_err(io)?.take(10_000) {
                 let (k, user) = row.map_err(io)?;
                 doomed.push((k.value().to_vec(), user.value().to_owned()));
             }
             for (expiry_key, _user) in &doomed {
-                let coupon_id = std::str::from_utf8(expiry_key.get(12..).unwrap_or_default()).map_err(io)?;
+                let coupon_id = coupon_id_after_time(expiry_key, 0)?;
                 if let Some(v) = tables.coupons.remove(coupon_id).map_err(io)? {
                     let stored: StoredCoupon = decode("coupon", v.value())?;
                     let c = &stored.record.coupon;
@@ -851,9 +860,7 @@ impl DeviceStore for EmbeddedStore {
                 coupons.push(k.value().to_vec());
             }
             for wallet_key in coupons {
-                // (user, time, coupon id): the coupon id is the last part.
-                let id_part = &wallet_key[prefix.len() + 10..];
-                let coupon_id = std::str::from_utf8(id_part.get(2..).unwrap_or_default()).map_err(io)?;
+                let coupon_id = coupon_id_after_time(&wallet_key, prefix.len())?;
                 if let Some(v) = tables.coupons.remove(coupon_id).map_err(io)? {
                     let stored: StoredCoupon = decode("coupon", v.value())?;
                     if let Some(expires) = stored.record.coupon.expires_at_ms {
@@ -1001,7 +1008,7 @@ impl IssueStore for EmbeddedStore {
             for row in wallets.range(prefix.as_slice()..prefix_end(&prefix).as_slice()).map_err(io)? {
                 let (k, _) = row.map_err(io)?;
                 let k = k.value();
-                let coupon_id = std::str::from_utf8(k.get(prefix.len() + 12..).unwrap_or_default()).map_err(io)?;
+                let coupon_id = coupon_id_after_time(k, prefix.len())?;
                 if let Some(v) = coupons.get(coupon_id).map_err(io)? {
                     out.push(decode::<StoredCoupon>("coupon", v.value())?.record);
                 }
@@ -1233,18 +1240,15 @@ impl Store for EmbeddedStore {
     }
 }
 
-/// Where the embedded store of `data_dir` keeps its database (for messages and backups).
-pub fn db_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(DB_FILE)
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
     use super::{EmbeddedConfig, EmbeddedStore, DB_FILE};
     use crate::domain::{CampaignDoc, CampaignId, DeviceId, UserId};
-    use crate::store::{CampaignStore, Device, DeviceStore, IssueStore, Platform, Store, UserCommit, UserCommitResult};
+    use crate::store::{
+        contract, CampaignStore, Device, DeviceStore, IssueStore, Platform, Store, UserCommit, UserCommitResult,
+    };
 
     fn open(dir: &std::path::Path) -> Arc<EmbeddedStore> {
         EmbeddedStore::open(EmbeddedConfig::new(dir)).expect("opens")
@@ -1304,6 +1308,31 @@ mod tests {
         assert_eq!(states[0].as_ref().map(|r| (r.version, r.bytes.clone())), Some((7, b"stays".to_vec())));
         // Revisions keep growing across restarts.
         assert_eq!(store.replace_campaign(campaign("c")).await.unwrap().revision, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn coupons_expired_longer_than_the_retention_are_purged_and_no_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let dyn_store: Arc<dyn Store> = store.clone();
+        let t = 1_700_000_000_000;
+        let mut old = contract::candidate("pg-a", "pg-u", t, Default::default());
+        old.coupon.expires_at_ms = Some(t + 1_000);
+        let mut recent = contract::candidate("pg-a", "pg-u", t + 1, Default::default());
+        recent.coupon.expires_at_ms = Some(t + 40 * 86_400_000);
+        let never = contract::candidate("pg-a", "pg-u", t + 2, Default::default());
+        for c in [old.clone(), recent.clone(), never] {
+            assert_eq!(contract::issue_one(&dyn_store, c).await, crate::store::IssueOutcome::Issued);
+        }
+        // 90 days' retention, 60 days after `old` expired and 21 after `recent` did.
+        let now = t + 60 * 86_400_000 + 1_000;
+        assert_eq!(store.purge_expired(now).await.unwrap(), 0);
+        assert_eq!(store.purge_expired(now + 31 * 86_400_000).await.unwrap(), 1);
+        let wallet = store.wallet(&UserId::parse("u", "pg-u").unwrap()).await.unwrap();
+        let left: Vec<_> = wallet.iter().map(|r| r.coupon.coupon_id.clone()).collect();
+        assert_eq!(left.len(), 2);
+        assert!(!left.contains(&old.coupon.coupon_id) && left.contains(&recent.coupon.coupon_id));
+        assert!(store.coupon(&old.coupon.coupon_id).await.unwrap().is_none());
     }
 
     #[test]
