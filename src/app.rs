@@ -188,6 +188,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if config.client_secret_generated {
         tracing::warn!("no client secret configured; generated a random one, so no client JWT verifies until KABAO_CLIENT_SECRET is set");
     }
+    crate::telemetry::set_user_hash_key(config.client_secret.expose().as_bytes());
     let app = Application::build(config).await?;
     if let Some(token) = generated_token {
         // API.md: generated and printed once. Printed to stdout, never logged.

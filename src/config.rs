@@ -24,6 +24,9 @@ pub struct Cli {
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
+    /// How log lines are written to stderr: `text`, or `json` (one object per line).
+    #[arg(long, global = true, env = "KABAO_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: crate::telemetry::LogFormat,
 }
 
 /// The subcommands of `kabao`.

@@ -500,7 +500,7 @@ fn decode_state(user: &UserId, record: Option<UserStateRecord>) -> (u64, UserSta
         Some(record) => match UserState::decode(&record.bytes) {
             Ok(state) => (record.version, state),
             Err(e) => {
-                tracing::error!(error = %e, user_hash = user_hash(user), "unreadable trigger state; starting the user afresh");
+                tracing::error!(error = %e, user_hash = crate::telemetry::user_hash(user), "unreadable trigger state; starting the user afresh");
                 (record.version, UserState::default())
             }
         },
@@ -547,10 +547,4 @@ async fn evict_idle_users(engine: Weak<Engine>) {
         }
         metrics::gauge!("kabao_tracked_users").set(engine.triggers.user_count() as f64);
     }
-}
-
-/// A user id as logs may show it: a short hash, never the id itself (API.md privacy).
-pub fn user_hash(user: &UserId) -> String {
-    use std::hash::BuildHasher;
-    format!("{:016x}", rustc_hash::FxBuildHasher.hash_one(user.as_str()))
 }

@@ -47,4 +47,5 @@ pub mod loadgen;
 pub mod sim;
 pub mod spatial;
 pub mod store;
+pub mod telemetry;
 pub mod trigger;

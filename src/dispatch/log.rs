@@ -19,7 +19,7 @@ impl PushProvider for LogProvider {
     async fn send(&self, device: &Device, coupon: &IssuedCoupon) -> PushOutcome {
         tracing::info!(
             platform = ?device.platform,
-            user_hash = %crate::engine::user_hash(&coupon.user_id),
+            user_hash = %crate::telemetry::user_hash(&coupon.user_id),
             coupon_id = %coupon.coupon_id,
             campaign_id = %coupon.campaign_id,
             title = %coupon.title,

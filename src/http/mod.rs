@@ -33,10 +33,9 @@ pub mod serve;
 pub mod users;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -46,7 +45,6 @@ use http_body_util::BodyExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
-use tower_http::trace::TraceLayer;
 
 use crate::config::{Config, EdgeConfig, HttpConfig, RateLimitConfig};
 use crate::engine::Engine;
@@ -140,8 +138,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), time_out))
         .layer(middleware::from_fn_with_state(state.clone(), check_head))
-        .layer(middleware::from_fn(record_metrics))
-        .layer(TraceLayer::new_for_http())
+        .layer(middleware::from_fn(crate::telemetry::observe_request))
         .with_state(state)
 }
 
@@ -189,24 +186,6 @@ async fn time_out(State(state): State<AppState>, request: Request, next: Next) -
         Ok(response) => response,
         Err(_) => ApiError::Unavailable("request timed out".into()).into_response(),
     }
-}
-
-/// Counts requests and their latency by route and status.
-async fn record_metrics(request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = request.method().as_str().to_owned();
-    let started = Instant::now();
-    let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::histogram!("kabao_http_request_duration_seconds", "route" => route.clone(), "method" => method.clone())
-        .record(started.elapsed().as_secs_f64());
-    metrics::counter!("kabao_http_requests_total", "route" => route, "method" => method, "status" => status)
-        .increment(1);
-    response
 }
 
 /// A JSON request body, parsed with API.md's error classification (not JSON or wrong types →
