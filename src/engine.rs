@@ -365,7 +365,7 @@ impl Engine {
         }
         let mut missing = Vec::new();
         for (slot, user) in users.iter_mut().enumerate() {
-            match self.triggers.cached(&user.user_id) {
+            match self.triggers.take(&user.user_id) {
                 Some(cached) => user.base = cached,
                 None => missing.push(slot),
             }
