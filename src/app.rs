@@ -51,6 +51,8 @@ impl Application {
 
     /// Builds a server over `store` and binds `config.listen`.
     pub async fn build_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+        // The recorder first, so what start-up measures (the index build) reaches `/metrics`.
+        crate::http::ops::metrics_handle();
         let engine = Engine::start(store.clone(), config.engine.clone()).await.context("loading campaigns")?;
         let providers = crate::dispatch::providers_from_config(&config.push).context("push providers")?;
         tracing::info!(fcm = providers.fcm.name(), apns = providers.apns.name(), "push providers");

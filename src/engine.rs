@@ -280,7 +280,10 @@ impl Engine {
             let applied: Vec<UserApplied> =
                 users.iter_mut().map(|user| self.apply_user(&snapshot, &pings, &order, &matched, user)).collect();
             let commits: Vec<UserCommit> = users.iter().zip(&applied).map(|(u, a)| self.user_commit(u, a)).collect();
-            let results = self.store.commit(commits).await.inspect_err(|_| {
+            let started = Instant::now();
+            let results = self.store.commit(commits).await;
+            record_store_call("commit", started);
+            let results = results.inspect_err(|_| {
                 // The outcome is unknown: the cached states may be ahead of or behind the store.
                 users.iter().for_each(|u| {
                     self.triggers.forget(&u.user_id);
@@ -372,7 +375,10 @@ impl Engine {
         }
         if !missing.is_empty() {
             let ids: Vec<UserId> = missing.iter().map(|&slot| users[slot].user_id.clone()).collect();
-            let records = self.store.load_user_states(&ids).await?;
+            let started = Instant::now();
+            let records = self.store.load_user_states(&ids).await;
+            record_store_call("load_user_states", started);
+            let records = records?;
             for (slot, record) in missing.into_iter().zip(records) {
                 users[slot].base = decode_state(&users[slot].user_id, record);
             }
@@ -454,6 +460,12 @@ impl Engine {
         }
         metrics::counter!("kabao_pings_applied_total").increment((pings - report.ignored.len()) as u64);
     }
+}
+
+/// `kabao_store_call_duration_seconds{call}`: how long the request path waited for the store
+/// (one `commit` per request, one `load_user_states` for users the node had not cached).
+fn record_store_call(call: &'static str, started: Instant) {
+    metrics::histogram!("kabao_store_call_duration_seconds", "call" => call).record(started.elapsed().as_secs_f64());
 }
 
 /// The coupon a candidate would issue at this ping, with the rules the store must check.

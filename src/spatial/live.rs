@@ -149,7 +149,7 @@ impl LiveIndex {
     /// As [`LiveIndex::new`], rebuilding the base once the overlay holds `fences` fences (or 1/32
     /// of the base, whichever is more). Small values exercise the rebuild path in tests.
     pub fn with_rebuild_after(campaigns: Vec<Arc<Campaign>>, fences: usize) -> Self {
-        let base = Arc::new(FenceIndex::build(campaigns));
+        let base = build_base(campaigns);
         let writer = Writer {
             base_slot: slots_of(&base),
             base,
@@ -161,6 +161,7 @@ impl LiveIndex {
             rebuild_after: fences,
         };
         let snapshot = writer.snapshot();
+        record_size(&snapshot);
         Self { inner: Arc::new(Inner { current: ArcSwap::from_pointee(snapshot), writer: Mutex::new(writer) }) }
     }
 
@@ -212,14 +213,16 @@ impl LiveIndex {
         w.generation += 1;
         w.touched = None;
         let live = w.live();
-        let base = Arc::new(FenceIndex::build(live));
+        let base = build_base(live);
         w.install(base, FxHashSet::default());
         self.inner.current.store(Arc::new(w.snapshot()));
+        record_size(&self.inner.current.load());
     }
 
     /// Swaps in a snapshot of the writer state; starts a background rebuild if the overlay is big.
     fn publish(&self, w: &mut Writer) {
         self.inner.current.store(Arc::new(w.snapshot()));
+        record_size(&self.inner.current.load());
         let threshold = w.rebuild_after.max(w.base.fence_count() / 32);
         let big = w.overlay_fences > threshold || w.dead.len() > 1024.max(w.base.campaigns().len() / 4);
         if big && w.touched.is_none() {
@@ -227,7 +230,7 @@ impl LiveIndex {
             w.touched = Some(FxHashSet::default());
             let (generation, live, inner) = (w.generation, w.live(), Arc::clone(&self.inner));
             let spawned = std::thread::Builder::new().name("kabao-index-rebuild".into()).spawn(move || {
-                let base = Arc::new(FenceIndex::build(live));
+                let base = build_base(live);
                 let mut w = inner.writer.lock();
                 if w.generation != generation {
                     return;
@@ -235,6 +238,7 @@ impl LiveIndex {
                 let touched = w.touched.take().unwrap_or_default();
                 w.install(base, touched);
                 inner.current.store(Arc::new(w.snapshot()));
+                record_size(&inner.current.load());
             });
             if spawned.is_err() {
                 // No thread to be had: stay on the overlay and try again on the next write.
@@ -276,6 +280,23 @@ impl Writer {
             overlay,
         }
     }
+}
+
+/// Builds a base index, recording how long it took (`kabao_index_build_duration_seconds`) and
+/// when it was done (`kabao_index_built_timestamp_seconds`: the index's age is `time()` minus it).
+fn build_base(campaigns: Vec<Arc<Campaign>>) -> Arc<FenceIndex> {
+    let started = std::time::Instant::now();
+    let base = Arc::new(FenceIndex::build(campaigns));
+    metrics::histogram!("kabao_index_build_duration_seconds").record(started.elapsed().as_secs_f64());
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    metrics::gauge!("kabao_index_built_timestamp_seconds").set(now_s);
+    base
+}
+
+/// The live index's size, as `/metrics` shows it (`kabao_index_fences`, `kabao_index_campaigns`).
+fn record_size(snapshot: &Snapshot) {
+    metrics::gauge!("kabao_index_fences").set(snapshot.fence_count() as f64);
+    metrics::gauge!("kabao_index_campaigns").set(snapshot.campaigns as f64);
 }
 
 fn slots_of(index: &FenceIndex) -> FxHashMap<CampaignId, u32> {

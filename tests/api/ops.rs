@@ -22,8 +22,21 @@ async fn metrics_are_prometheus_text() {
     let reply = app.call(Method::GET, "/metrics", None, None).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(reply.content_type.as_deref().is_some_and(|c| c.starts_with("text/plain")), "{:?}", reply.content_type);
-    assert!(reply.text.contains("kabao_http_requests_total"), "{}", reply.text);
     assert!(reply.text.contains("# TYPE"), "{}", reply.text);
+    // Issue 9's list: requests, pings, per-ping match time, candidates, the index, the store.
+    for name in [
+        "kabao_http_requests_total",
+        "kabao_http_request_duration_seconds",
+        "kabao_pings_applied_total",
+        "kabao_candidates_total",
+        "kabao_index_fences",
+        "kabao_index_campaigns",
+        "kabao_index_build_duration_seconds",
+        "kabao_index_built_timestamp_seconds",
+        "kabao_store_call_duration_seconds",
+    ] {
+        assert!(reply.text.contains(&format!("# TYPE {name} ")), "{name} missing:\n{}", reply.text);
+    }
 }
 
 #[tokio::test]
