@@ -38,8 +38,8 @@ use tokio::sync::oneshot;
 use super::rules::{self, IssueView};
 use super::{
     CampaignChange, CampaignChanges, CampaignStats, CampaignStore, ChangeLog, CouponRecord, DeadLetter, Device,
-    DeviceStore, IssueOutcome, IssueStore, IssuedCoupon, OutboxEntry, OutboxStore, PushFinal, PushStats, RedeemError,
-    Store, StoreError, UserCommit, UserCommitResult, UserStateRecord,
+    DeviceStore, IssueOutcome, IssueStore, IssuedCoupon, OutboxEntry, OutboxStore, ProviderToken, ProviderTokenStore,
+    PushFinal, PushStats, RedeemError, Store, StoreError, UserCommit, UserCommitResult, UserStateRecord,
 };
 use crate::domain::{Campaign, CampaignDoc, CampaignId, CouponId, DeviceId, UserId};
 
@@ -72,6 +72,8 @@ const WALLETS: TableDefinition<&[u8], ()> = TableDefinition::new("wallets");
 const EXPIRIES: TableDefinition<&[u8], &str> = TableDefinition::new("expiries");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// slot → the provider token every start of this node uses (see [`ProviderTokenStore`]).
+const PROVIDER_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("provider_tokens");
 
 /// How the embedded store runs.
 #[derive(Debug, Clone)]
@@ -183,6 +185,7 @@ struct Tables<'txn> {
     expiries: Table<'txn, &'static [u8], &'static str>,
     outbox: Table<'txn, u64, &'static [u8]>,
     dead_letters: Table<'txn, u64, &'static [u8]>,
+    provider_tokens: Table<'txn, &'static str, &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -199,6 +202,8 @@ impl<'txn> Tables<'txn> {
             expiries: txn.open_table(EXPIRIES).map_err(io)?,
             outbox: txn.open_table(OUTBOX).map_err(io)?,
             dead_letters: txn.open_table(DEAD_LETTERS).map_err(io)?,
+            // New in a database of format 1 is fine: opening it in a write transaction creates it.
+            provider_tokens: txn.open_table(PROVIDER_TOKENS).map_err(io)?,
         })
     }
 }
@@ -1213,6 +1218,34 @@ fn update_push_stats(
         tables.counters.insert(campaign.as_str(), encode(&c).as_slice()).map_err(io)?;
     }
     Ok(())
+}
+
+#[async_trait]
+impl ProviderTokenStore for EmbeddedStore {
+    async fn provider_token(
+        &self,
+        slot: &str,
+        candidate: ProviderToken,
+        replace_after_ms: i64,
+    ) -> Result<ProviderToken, StoreError> {
+        let slot = slot.to_owned();
+        // Through the writer, so the token is on disk before any push carries it: a node
+        // restarted at once finds it rather than signing another.
+        self.write(move |tables, _| {
+            let kept = match tables.provider_tokens.get(slot.as_str()).map_err(io)? {
+                Some(v) => Some(decode::<ProviderToken>("provider token", v.value())?),
+                None => None,
+            };
+            match kept {
+                Some(kept) if !super::provider_token_due(&kept, &candidate, replace_after_ms) => Ok(kept),
+                _ => {
+                    tables.provider_tokens.insert(slot.as_str(), encode(&candidate).as_slice()).map_err(io)?;
+                    Ok(candidate)
+                }
+            }
+        })
+        .await
+    }
 }
 
 #[async_trait]
