@@ -52,7 +52,8 @@ impl Application {
     /// Builds a server over `store` and binds `config.listen`.
     pub async fn build_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
         let engine = Engine::start(store.clone(), config.engine.clone()).await.context("loading campaigns")?;
-        let providers = crate::dispatch::providers_from_config(&config.push).context("push providers")?;
+        let tokens = crate::store::provider_tokens(store.clone());
+        let providers = crate::dispatch::providers_from_config(&config.push, tokens).context("push providers")?;
         tracing::info!(fcm = providers.fcm.name(), apns = providers.apns.name(), "push providers");
 
         let shutdown = CancellationToken::new();

@@ -14,6 +14,7 @@ use kabao::dispatch::fcm::{FcmProvider, FcmSettings, ServiceAccountKey};
 use kabao::dispatch::{providers_from_config, Backoff, PushOutcome, PushProvider};
 use kabao::domain::{CampaignId, CouponId, FenceId, UserId};
 use kabao::fakepush::{self, FakePush, FakePushConfig, Fault};
+use kabao::store::memory::MemoryStore;
 use kabao::store::{Device, IssuedCoupon, Platform};
 use rand::SeedableRng;
 use serde_json::json;
@@ -63,6 +64,8 @@ fn apns(fake: &FakePush, clock: SharedClock, timeout: Duration) -> ApnsProvider 
         extra_roots: roots(fake),
         timeout,
         clock,
+        // A store of its own: each provider made here is a node of its own.
+        tokens: Arc::new(MemoryStore::new()),
     })
     .unwrap()
 }
@@ -94,6 +97,11 @@ fn coupon(expires_at_ms: Option<i64>) -> IssuedCoupon {
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a provider built by `providers_from_config` keeps its APNs token: a store of its own.
+fn tokens() -> Arc<dyn kabao::store::ProviderTokenStore> {
+    Arc::new(MemoryStore::new())
+}
 
 #[tokio::test]
 async fn fcm_sends_the_exact_request_with_a_token_from_the_service_account() {
@@ -403,7 +411,7 @@ async fn each_apns_fault_ends_in_its_outcome() {
 async fn providers_from_config_reads_the_fakes_files_and_routes_by_platform() {
     let fake = fake(kabao::dispatch::clock::system()).await;
     let config = fake.push_config();
-    let providers = providers_from_config(&config).unwrap();
+    let providers = providers_from_config(&config, tokens()).unwrap();
     assert_eq!((providers.fcm.name(), providers.apns.name()), ("fcm", "apns"));
     for platform in [Platform::Fcm, Platform::Apns] {
         assert_eq!(providers.send(&device(platform), &coupon(None)).await, PushOutcome::Delivered);
@@ -413,13 +421,13 @@ async fn providers_from_config_reads_the_fakes_files_and_routes_by_platform() {
 
     // Only FCM configured: APNs devices go to the log. `log` logs both.
     let only_fcm = PushConfig { apns_key_file: None, ..config.clone() };
-    assert_eq!(providers_from_config(&only_fcm).unwrap().apns.name(), "log");
+    assert_eq!(providers_from_config(&only_fcm, tokens()).unwrap().apns.name(), "log");
     let log = PushConfig { provider: PushProviderKind::Log, ..config.clone() };
-    let log = providers_from_config(&log).unwrap();
+    let log = providers_from_config(&log, tokens()).unwrap();
     assert_eq!((log.fcm.name(), log.apns.name()), ("log", "log"));
 
     // Without the CA, the fake's certificate is not trusted: a retry, not a panic or a delivery.
-    let untrusted = providers_from_config(&PushConfig { ca_file: None, ..config.clone() }).unwrap();
+    let untrusted = providers_from_config(&PushConfig { ca_file: None, ..config.clone() }, tokens()).unwrap();
     assert!(matches!(untrusted.send(&device(Platform::Fcm), &coupon(None)).await, PushOutcome::Retry { .. }));
 }
 
@@ -448,11 +456,11 @@ async fn bad_key_files_fail_start_up_naming_the_file() {
         PushConfig { ca_file: Some(garbage.clone()), ..PushConfig::default() },
     ];
     for config in cases {
-        let error = format!("{:#}", providers_from_config(&config).unwrap_err());
+        let error = format!("{:#}", providers_from_config(&config, tokens()).unwrap_err());
         assert!(error.contains("garbage.json") || error.contains("missing.p8"), "{error}");
     }
     let no_key_id = PushConfig { apns_key_file: Some(missing), ..PushConfig::default() };
-    let error = format!("{:#}", providers_from_config(&no_key_id).unwrap_err());
+    let error = format!("{:#}", providers_from_config(&no_key_id, tokens()).unwrap_err());
     assert!(error.contains("missing.p8"), "{error}");
 }
 
