@@ -1092,9 +1092,12 @@ impl OutboxStore for EmbeddedStore {
         now_ms: i64,
         lease_ms: i64,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
+        // Locked before the read begins, and a lease dropped only once the write that ends it is
+        // committed (outbox_finish, outbox_retry): so a read that still sees an entry being
+        // finished also sees its lease, and the entry is not handed out a second time.
+        let mut memory = self.memory.lock();
         let rows = self.read(|txn| {
             let outbox = txn.open_table(OUTBOX).map_err(io)?;
-            let memory = self.memory.lock();
             let mut due = Vec::new();
             for row in outbox.iter().map_err(io)? {
                 if due.len() >= max {
@@ -1112,13 +1115,8 @@ impl OutboxStore for EmbeddedStore {
             }
             Ok(due)
         })?;
-        let mut memory = self.memory.lock();
         let mut taken = Vec::with_capacity(rows.len());
         for (seq, entry) in rows {
-            // Another take may have leased it since the read.
-            if memory.leases.get(&seq).is_some_and(|&until| until > now_ms) {
-                continue;
-            }
             memory.leases.insert(seq, now_ms.saturating_add(lease_ms));
             taken.push(entry);
         }
@@ -1128,7 +1126,7 @@ impl OutboxStore for EmbeddedStore {
     async fn outbox_retry(&self, entry: &OutboxEntry, attempts: u32, not_before_ms: i64) -> Result<(), StoreError> {
         let Some(seq) = seq_of(entry) else { return Ok(()) };
         let campaign = entry.coupon.campaign_id.clone();
-        self.write(move |tables, memory| {
+        self.write(move |tables, _| {
             let Some(v) = tables.outbox.get(seq).map_err(io)? else { return Ok(()) };
             let mut record: OutboxRecord = decode("outbox entry", v.value())?;
             drop(v);
@@ -1136,20 +1134,23 @@ impl OutboxStore for EmbeddedStore {
             record.due_at_ms = not_before_ms;
             let first_retry = !std::mem::replace(&mut record.retrying, true);
             tables.outbox.insert(seq, encode(&record).as_slice()).map_err(io)?;
-            memory.leases.remove(&seq);
             if first_retry {
                 update_push_stats(tables, &campaign, |p| p.retrying += 1)?;
             }
             Ok(())
         })
-        .await
+        .await?;
+        // Only now: a take reading before the commit would see the entry as still due.
+        self.memory.lock().leases.remove(&seq);
+        Ok(())
     }
 
     async fn outbox_finish(&self, entry: &OutboxEntry, outcome: PushFinal, now_ms: i64) -> Result<(), StoreError> {
         let Some(seq) = seq_of(entry) else { return Ok(()) };
         let entry = entry.clone();
         self.write(move |tables, memory| {
-            memory.leases.remove(&seq);
+            // Withheld from every take until the removal is committed (see outbox_take).
+            memory.leases.insert(seq, i64::MAX);
             let Some(v) = tables.outbox.remove(seq).map_err(io)? else { return Ok(()) };
             let record: OutboxRecord = decode("outbox entry", v.value())?;
             drop(v);
@@ -1188,7 +1189,9 @@ impl OutboxStore for EmbeddedStore {
             }
             Ok(())
         })
-        .await
+        .await?;
+        self.memory.lock().leases.remove(&seq);
+        Ok(())
     }
 
     async fn outbox_len(&self) -> Result<u64, StoreError> {
