@@ -2,6 +2,7 @@
 //! reuse and single-flight refresh, the APNs re-signing rules (on a manual clock, no sleeping),
 //! and every fault ending in its documented `PushOutcome`. Plus `Backoff`'s bounds.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -14,8 +15,9 @@ use kabao::dispatch::fcm::{FcmProvider, FcmSettings, ServiceAccountKey};
 use kabao::dispatch::{providers_from_config, Backoff, PushOutcome, PushProvider};
 use kabao::domain::{CampaignId, CouponId, FenceId, UserId};
 use kabao::fakepush::{self, FakePush, FakePushConfig, Fault};
+use kabao::store::hooked::Hooked;
 use kabao::store::memory::MemoryStore;
-use kabao::store::{Device, IssuedCoupon, Platform};
+use kabao::store::{Device, IssuedCoupon, Platform, StoreError};
 use rand::SeedableRng;
 use serde_json::json;
 
@@ -55,19 +57,23 @@ fn fcm(fake: &FakePush, clock: SharedClock, timeout: Duration) -> FcmProvider {
 }
 
 fn apns(fake: &FakePush, clock: SharedClock, timeout: Duration) -> ApnsProvider {
-    ApnsProvider::new(ApnsSettings {
+    ApnsProvider::new(ApnsSettings { timeout, ..apns_settings(fake, clock) }).unwrap()
+}
+
+/// Settings of an APNs provider pointed at `fake`, keeping its token in a store of its own (so
+/// each provider made here is a node of its own).
+fn apns_settings(fake: &FakePush, clock: SharedClock) -> ApnsSettings {
+    ApnsSettings {
         key_pem: ApnsSettings::read_key(&fake.apns_key_path).unwrap(),
         key_id: fake.apns_key_id.clone(),
         team_id: fake.apns_team_id.clone(),
         topic: fake.apns_topic.clone(),
         base_url: fake.base_url.clone(),
         extra_roots: roots(fake),
-        timeout,
+        timeout: TIMEOUT,
         clock,
-        // A store of its own: each provider made here is a node of its own.
         tokens: Arc::new(MemoryStore::new()),
-    })
-    .unwrap()
+    }
 }
 
 fn device(platform: Platform) -> Device {
@@ -332,6 +338,33 @@ async fn the_apns_token_is_reused_for_20_to_50_minutes_and_resigned_at_40() {
     assert_eq!(send().await, PushOutcome::Delivered);
     assert_eq!(tokens(&fake).len(), 3);
     assert!(fake.received_by("apns").iter().all(|r| r.status == 200 || r.status == 403));
+}
+
+#[tokio::test]
+async fn while_the_store_is_down_apns_sends_the_token_in_hand_up_to_50_minutes_never_one_of_its_own() {
+    let clock = ManualClock::new();
+    let fake = fake(clock.clone()).await;
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = down.clone();
+    let store = Hooked::new(Arc::new(MemoryStore::new()), move |method| match gate.load(Ordering::SeqCst) {
+        true if method == "provider_token" => Err(StoreError::Unavailable("the test holds the store down".into())),
+        _ => Ok(()),
+    });
+    let provider =
+        ApnsProvider::new(ApnsSettings { tokens: Arc::new(store), ..apns_settings(&fake, clock.clone()) }).unwrap();
+    let (phone, c) = (device(Platform::Apns), coupon(None));
+    let send = || provider.send(&phone, &c);
+    assert_eq!(send().await, PushOutcome::Delivered);
+    down.store(true, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(41 * 60));
+    assert_eq!(send().await, PushOutcome::Delivered, "due at 40 min, but the store cannot be asked: kept");
+    clock.advance(Duration::from_secs(9 * 60));
+    assert!(matches!(send().await, PushOutcome::Retry { .. }), "never sent 50 min old");
+    down.store(false, Ordering::SeqCst);
+    assert_eq!(send().await, PushOutcome::Delivered, "a new one once the store answers");
+    let tokens: HashSet<String> = fake.received_by("apns").iter().map(|r| r.headers["authorization"].clone()).collect();
+    assert_eq!(tokens.len(), 2);
+    assert!(fake.received_by("apns").iter().all(|r| r.status == 200));
 }
 
 #[tokio::test]

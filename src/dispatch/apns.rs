@@ -119,10 +119,13 @@ impl TokenState {
     /// or, while the store failed within [`STORE_RETRY`], even if due, up to [`MAX_TOKEN_AGE`].
     fn usable(&self, now: SystemTime) -> Option<String> {
         let token = self.current.as_ref()?;
-        let store_down =
-            self.store_failed_at.is_some_and(|at| now.duration_since(at).unwrap_or(Duration::ZERO) < STORE_RETRY);
-        let usable = !token.due(now) || (store_down && token.age(now) < MAX_TOKEN_AGE);
+        let usable = !token.due(now) || (self.store_failed_recently(now) && token.age(now) < MAX_TOKEN_AGE);
         usable.then(|| token.jwt.clone())
+    }
+
+    /// Asking the store failed within [`STORE_RETRY`] of `now`.
+    fn store_failed_recently(&self, now: SystemTime) -> bool {
+        self.store_failed_at.is_some_and(|at| now.duration_since(at).unwrap_or(Duration::ZERO) < STORE_RETRY)
     }
 }
 
@@ -219,6 +222,11 @@ impl ApnsProvider {
             // Another push may have refreshed it while this one waited for the lock.
             if let Some(jwt) = state.usable(now) {
                 return Ok(jwt);
+            }
+            if state.current.is_none() && state.store_failed_recently(now) {
+                // No token in hand: the pushes queued behind a failed ask fail fast, not each
+                // after a store timeout of its own.
+                return Err("the store could not be asked for the APNs provider token a moment ago".into());
             }
             state.current.clone()
         };
