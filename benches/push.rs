@@ -115,9 +115,8 @@ async fn main() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("kabao-bench-push-{}", std::process::id()));
     let fake = fakepush::start(FakePushConfig::for_tests(&dir)).await?;
     let push = PushConfig { concurrency_per_provider: concurrency, ..fake.push_config() };
-    let providers = providers_from_config(&push)?;
-
     let store = Arc::new(MemoryStore::new());
+    let providers = providers_from_config(&push, store.clone())?;
     let doc: CampaignDoc = serde_json::from_value(serde_json::json!({
         "id": "bench", "name": "bench", "coupon": {"title": "20% off coffee"},
         "fences": [{"id": "store-1", "type": "circle", "center": [114.0579, 22.5431], "radius_m": 150}],

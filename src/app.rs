@@ -54,7 +54,8 @@ impl Application {
         // The recorder first, so what start-up measures (the index build) reaches `/metrics`.
         crate::http::ops::metrics_handle();
         let engine = Engine::start(store.clone(), config.engine.clone()).await.context("loading campaigns")?;
-        let providers = crate::dispatch::providers_from_config(&config.push).context("push providers")?;
+        let tokens = crate::store::provider_tokens(store.clone());
+        let providers = crate::dispatch::providers_from_config(&config.push, tokens).context("push providers")?;
         tracing::info!(fcm = providers.fcm.name(), apns = providers.apns.name(), "push providers");
 
         let shutdown = CancellationToken::new();

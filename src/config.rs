@@ -162,6 +162,13 @@ pub struct ServeArgs {
     /// Pushes in flight at once per provider (FCM, APNs), per node. Default 256.
     #[arg(long, env = "KABAO_PUSH_CONCURRENCY", value_name = "N")]
     pub push_concurrency: Option<usize>,
+    /// Deadline of one request to a provider or token endpoint. Default 10000.
+    #[arg(long, env = "KABAO_PUSH_TIMEOUT_MS", value_name = "MS")]
+    pub push_timeout_ms: Option<u64>,
+    /// How long a push handed to a node stays that node's: the pushes of a node that died are
+    /// taken over this long after it took them. At least 3 × push_timeout_ms. Default 60000.
+    #[arg(long, env = "KABAO_PUSH_LEASE_MS", value_name = "MS")]
+    pub push_lease_ms: Option<u64>,
     /// Largest campaign request body. Default 134217728 (128 MiB).
     #[arg(long, env = "KABAO_CAMPAIGN_BODY_LIMIT_BYTES", value_name = "BYTES")]
     pub campaign_body_limit_bytes: Option<usize>,
@@ -356,6 +363,9 @@ pub struct PushConfig {
     pub concurrency_per_provider: usize,
     /// Deadline of one request to a provider or token endpoint; one that takes longer is a retry.
     pub request_timeout: Duration,
+    /// How long an entry taken from the outbox stays leased to the node that took it (at least
+    /// three request timeouts, so a push in flight is never handed to a second node).
+    pub lease: Duration,
 }
 
 impl Default for PushConfig {
@@ -377,6 +387,7 @@ impl Default for PushConfig {
             backoff_max: Duration::from_secs(300),
             concurrency_per_provider: 256,
             request_timeout: Duration::from_secs(10),
+            lease: Duration::from_secs(60),
         }
     }
 }
@@ -624,7 +635,8 @@ impl Config {
             backoff_base: pick!(push_backoff_base_ms).map(Duration::from_millis).unwrap_or(push_defaults.backoff_base),
             backoff_max: pick!(push_backoff_max_ms).map(Duration::from_millis).unwrap_or(push_defaults.backoff_max),
             concurrency_per_provider: pick!(push_concurrency).unwrap_or(push_defaults.concurrency_per_provider),
-            request_timeout: push_defaults.request_timeout,
+            request_timeout: pick!(push_timeout_ms).map(Duration::from_millis).unwrap_or(push_defaults.request_timeout),
+            lease: pick!(push_lease_ms).map(Duration::from_millis).unwrap_or(push_defaults.lease),
         };
         if push.max_attempts == 0 {
             bail!("push_max_attempts must be at least 1");
@@ -634,6 +646,14 @@ impl Config {
         }
         if push.concurrency_per_provider == 0 {
             bail!("push_concurrency must be at least 1");
+        }
+        if push.request_timeout.is_zero() {
+            bail!("push_timeout_ms must be at least 1");
+        }
+        if push.lease < push.request_timeout * 3 {
+            bail!(
+                "push_lease_ms must be at least 3 × push_timeout_ms: a push in flight is never handed to another node"
+            );
         }
 
         let listen = normalize_listen(pick!(listen).unwrap_or_else(|| "127.0.0.1:8080".into()));
@@ -939,6 +959,14 @@ mod tests {
         )
         .is_err());
         assert!(Config::resolve(args(&["--push-concurrency", "0"]), ServeArgs::default()).is_err());
+        assert_eq!((c.push.request_timeout, c.push.lease), (Duration::from_secs(10), Duration::from_secs(60)));
+        let c = Config::resolve(args(&["--push-timeout-ms", "1000", "--push-lease-ms", "3000"]), ServeArgs::default())
+            .unwrap();
+        assert_eq!((c.push.request_timeout, c.push.lease), (Duration::from_secs(1), Duration::from_secs(3)));
+        // A lease shorter than three attempts' deadlines could hand a push in flight to another node.
+        let short =
+            Config::resolve(args(&["--push-timeout-ms", "1000", "--push-lease-ms", "2999"]), ServeArgs::default());
+        assert!(short.unwrap_err().to_string().contains("push_lease_ms"));
     }
 
     #[test]

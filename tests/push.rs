@@ -2,6 +2,7 @@
 //! reuse and single-flight refresh, the APNs re-signing rules (on a manual clock, no sleeping),
 //! and every fault ending in its documented `PushOutcome`. Plus `Backoff`'s bounds.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -14,7 +15,9 @@ use kabao::dispatch::fcm::{FcmProvider, FcmSettings, ServiceAccountKey};
 use kabao::dispatch::{providers_from_config, Backoff, PushOutcome, PushProvider};
 use kabao::domain::{CampaignId, CouponId, FenceId, UserId};
 use kabao::fakepush::{self, FakePush, FakePushConfig, Fault};
-use kabao::store::{Device, IssuedCoupon, Platform};
+use kabao::store::hooked::Hooked;
+use kabao::store::memory::MemoryStore;
+use kabao::store::{Device, IssuedCoupon, Platform, StoreError};
 use rand::SeedableRng;
 use serde_json::json;
 
@@ -54,17 +57,23 @@ fn fcm(fake: &FakePush, clock: SharedClock, timeout: Duration) -> FcmProvider {
 }
 
 fn apns(fake: &FakePush, clock: SharedClock, timeout: Duration) -> ApnsProvider {
-    ApnsProvider::new(ApnsSettings {
+    ApnsProvider::new(ApnsSettings { timeout, ..apns_settings(fake, clock) }).unwrap()
+}
+
+/// Settings of an APNs provider pointed at `fake`, keeping its token in a store of its own (so
+/// each provider made here is a node of its own).
+fn apns_settings(fake: &FakePush, clock: SharedClock) -> ApnsSettings {
+    ApnsSettings {
         key_pem: ApnsSettings::read_key(&fake.apns_key_path).unwrap(),
         key_id: fake.apns_key_id.clone(),
         team_id: fake.apns_team_id.clone(),
         topic: fake.apns_topic.clone(),
         base_url: fake.base_url.clone(),
         extra_roots: roots(fake),
-        timeout,
+        timeout: TIMEOUT,
         clock,
-    })
-    .unwrap()
+        tokens: Arc::new(MemoryStore::new()),
+    }
 }
 
 fn device(platform: Platform) -> Device {
@@ -94,6 +103,11 @@ fn coupon(expires_at_ms: Option<i64>) -> IssuedCoupon {
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a provider built by `providers_from_config` keeps its APNs token: a store of its own.
+fn tokens() -> Arc<dyn kabao::store::ProviderTokenStore> {
+    Arc::new(MemoryStore::new())
+}
 
 #[tokio::test]
 async fn fcm_sends_the_exact_request_with_a_token_from_the_service_account() {
@@ -327,6 +341,33 @@ async fn the_apns_token_is_reused_for_20_to_50_minutes_and_resigned_at_40() {
 }
 
 #[tokio::test]
+async fn while_the_store_is_down_apns_sends_the_token_in_hand_up_to_50_minutes_never_one_of_its_own() {
+    let clock = ManualClock::new();
+    let fake = fake(clock.clone()).await;
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = down.clone();
+    let store = Hooked::new(Arc::new(MemoryStore::new()), move |method| match gate.load(Ordering::SeqCst) {
+        true if method == "provider_token" => Err(StoreError::Unavailable("the test holds the store down".into())),
+        _ => Ok(()),
+    });
+    let provider =
+        ApnsProvider::new(ApnsSettings { tokens: Arc::new(store), ..apns_settings(&fake, clock.clone()) }).unwrap();
+    let (phone, c) = (device(Platform::Apns), coupon(None));
+    let send = || provider.send(&phone, &c);
+    assert_eq!(send().await, PushOutcome::Delivered);
+    down.store(true, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(41 * 60));
+    assert_eq!(send().await, PushOutcome::Delivered, "due at 40 min, but the store cannot be asked: kept");
+    clock.advance(Duration::from_secs(9 * 60));
+    assert!(matches!(send().await, PushOutcome::Retry { .. }), "never sent 50 min old");
+    down.store(false, Ordering::SeqCst);
+    assert_eq!(send().await, PushOutcome::Delivered, "a new one once the store answers");
+    let tokens: HashSet<String> = fake.received_by("apns").iter().map(|r| r.headers["authorization"].clone()).collect();
+    assert_eq!(tokens.len(), 2);
+    assert!(fake.received_by("apns").iter().all(|r| r.status == 200));
+}
+
+#[tokio::test]
 async fn the_fake_refuses_what_apple_refuses() {
     let clock = ManualClock::new();
     let fake = fake(clock.clone()).await;
@@ -403,7 +444,7 @@ async fn each_apns_fault_ends_in_its_outcome() {
 async fn providers_from_config_reads_the_fakes_files_and_routes_by_platform() {
     let fake = fake(kabao::dispatch::clock::system()).await;
     let config = fake.push_config();
-    let providers = providers_from_config(&config).unwrap();
+    let providers = providers_from_config(&config, tokens()).unwrap();
     assert_eq!((providers.fcm.name(), providers.apns.name()), ("fcm", "apns"));
     for platform in [Platform::Fcm, Platform::Apns] {
         assert_eq!(providers.send(&device(platform), &coupon(None)).await, PushOutcome::Delivered);
@@ -413,13 +454,13 @@ async fn providers_from_config_reads_the_fakes_files_and_routes_by_platform() {
 
     // Only FCM configured: APNs devices go to the log. `log` logs both.
     let only_fcm = PushConfig { apns_key_file: None, ..config.clone() };
-    assert_eq!(providers_from_config(&only_fcm).unwrap().apns.name(), "log");
+    assert_eq!(providers_from_config(&only_fcm, tokens()).unwrap().apns.name(), "log");
     let log = PushConfig { provider: PushProviderKind::Log, ..config.clone() };
-    let log = providers_from_config(&log).unwrap();
+    let log = providers_from_config(&log, tokens()).unwrap();
     assert_eq!((log.fcm.name(), log.apns.name()), ("log", "log"));
 
     // Without the CA, the fake's certificate is not trusted: a retry, not a panic or a delivery.
-    let untrusted = providers_from_config(&PushConfig { ca_file: None, ..config.clone() }).unwrap();
+    let untrusted = providers_from_config(&PushConfig { ca_file: None, ..config.clone() }, tokens()).unwrap();
     assert!(matches!(untrusted.send(&device(Platform::Fcm), &coupon(None)).await, PushOutcome::Retry { .. }));
 }
 
@@ -448,11 +489,11 @@ async fn bad_key_files_fail_start_up_naming_the_file() {
         PushConfig { ca_file: Some(garbage.clone()), ..PushConfig::default() },
     ];
     for config in cases {
-        let error = format!("{:#}", providers_from_config(&config).unwrap_err());
+        let error = format!("{:#}", providers_from_config(&config, tokens()).unwrap_err());
         assert!(error.contains("garbage.json") || error.contains("missing.p8"), "{error}");
     }
     let no_key_id = PushConfig { apns_key_file: Some(missing), ..PushConfig::default() };
-    let error = format!("{:#}", providers_from_config(&no_key_id).unwrap_err());
+    let error = format!("{:#}", providers_from_config(&no_key_id, tokens()).unwrap_err());
     assert!(error.contains("missing.p8"), "{error}");
 }
 

@@ -7,7 +7,7 @@
 //! Backoff is configured in milliseconds (`push_backoff_base_ms`), so retries take no time
 //! except where a provider's `Retry-After` says otherwise.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -17,8 +17,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use kabao::app::Application;
 use kabao::config::{Config, PushConfig};
 use kabao::fakepush::{self, FakePush, FakePushConfig, Fault, Received};
+use kabao::store::embedded::{EmbeddedConfig, EmbeddedStore};
 use kabao::store::hooked::Hooked;
 use kabao::store::memory::MemoryStore;
+use kabao::store::redis::test_server::RedisServer;
+use kabao::store::redis::RedisStore;
 use kabao::store::{Store, StoreError};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -75,13 +78,16 @@ fn push_config(fake: &FakePush) -> PushConfig {
 
 /// A kabao server pointed at a fake, over a store the test can also look into.
 struct Harness {
-    fake: FakePush,
+    fake: Arc<FakePush>,
     base: String,
     http: reqwest::Client,
     store: Arc<dyn Store>,
     /// While set, the dispatchers take nothing from the outbox.
     outbox_closed: Arc<AtomicBool>,
-    _stops: Vec<oneshot::Sender<()>>,
+    /// Dropping one stops its node.
+    stops: Vec<oneshot::Sender<()>>,
+    /// The nodes' serving tasks, done once they stopped.
+    runs: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Harness {
@@ -92,24 +98,47 @@ impl Harness {
 
     /// `n` nodes sharing one store (and so one outbox), all pointed at one fake.
     async fn nodes(n: usize, tune: impl Fn(&mut Config)) -> Self {
-        let fake = fakepush::start(FakePushConfig::for_tests(scratch_dir())).await.unwrap();
+        let fake = Arc::new(fakepush::start(FakePushConfig::for_tests(scratch_dir())).await.unwrap());
         let outbox_closed = Arc::new(AtomicBool::new(false));
         let store = gated_store(outbox_closed.clone());
+        Self::over(fake, vec![store; n], outbox_closed, tune).await
+    }
+
+    /// One node over each of `stores` (one store shared, or each node's own connection to one),
+    /// all pointed at `fake`; `outbox_closed` is the flag the stores' gates read.
+    async fn over(
+        fake: Arc<FakePush>,
+        stores: Vec<Arc<dyn Store>>,
+        outbox_closed: Arc<AtomicBool>,
+        tune: impl Fn(&mut Config),
+    ) -> Self {
         let mut stops = Vec::new();
+        let mut runs = Vec::new();
         let mut base = String::new();
-        for _ in 0..n {
+        for store in &stores {
             let mut config = Config::for_tests(ADMIN, SECRET);
             config.push = push_config(&fake);
             tune(&mut config);
             let app = Application::build_with_store(config, store.clone()).await.expect("server builds");
             base = format!("http://127.0.0.1:{}", app.port());
             let (stop, stopped) = oneshot::channel::<()>();
-            tokio::spawn(app.run_until_stopped(async move {
+            runs.push(tokio::spawn(app.run_until_stopped(async move {
                 let _ = stopped.await;
-            }));
+            })));
             stops.push(stop);
         }
-        Self { fake, base, http: reqwest::Client::new(), store, outbox_closed, _stops: stops }
+        let store = stores[0].clone();
+        Self { fake, base, http: reqwest::Client::new(), store, outbox_closed, stops, runs }
+    }
+
+    /// Stops every node gracefully and waits until they stopped; the fake lives on.
+    async fn stop(self) -> Arc<FakePush> {
+        let Self { fake, stops, runs, .. } = self;
+        drop(stops);
+        for run in runs {
+            run.await.expect("the node's task").expect("the node stopped cleanly");
+        }
+        fake
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
@@ -437,9 +466,8 @@ async fn a_device_deleted_between_issue_and_delivery_gets_nothing() {
 async fn two_nodes_sharing_an_outbox_never_resend_what_a_provider_accepted() {
     let h = Harness::nodes(2, |c| c.push.concurrency_per_provider = 8).await;
     h.campaign("c1").await;
-    // FCM only: each node signs its own APNs provider token, and APNs (like the fake) refuses a
-    // second token for the key within 20 minutes — nodes sharing an APNs key need one shared
-    // token (see the README, "Push delivery").
+    // FCM only, to count accepted pushes per (coupon, device) under FCM's faults; nodes sharing
+    // an APNs key are `two_nodes_on_one_redis_with_one_apns_key_send_one_provider_token`.
     let users: Vec<String> = (0..40).map(|i| format!("user-{i}")).collect();
     for user in &users {
         h.device(user, "pixel", "fcm", &format!("fcm-{user}-1")).await;
@@ -467,6 +495,75 @@ async fn two_nodes_sharing_an_outbox_never_resend_what_a_provider_accepted() {
     assert!(twice.is_empty(), "accepted more than once: {twice:?}");
 }
 
+/// The distinct APNs provider tokens the fake was sent, and the statuses it answered.
+fn apns_tokens_and_statuses(fake: &FakePush) -> (HashSet<String>, Vec<u16>) {
+    let apns = fake.received_by("apns");
+    (apns.iter().map(|r| r.headers["authorization"].clone()).collect(), statuses(&apns))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_redis_with_one_apns_key_send_one_provider_token() {
+    let redis = RedisServer::start();
+    let fake = Arc::new(fakepush::start(FakePushConfig::for_tests(scratch_dir())).await.unwrap());
+    // Held closed while the coupons are issued, then opened for both nodes at once: both start
+    // with no token and find their first pushes at the same moment.
+    let outbox_closed = Arc::new(AtomicBool::new(true));
+    let finished_by: Vec<Arc<AtomicU32>> = (0..2).map(|_| Arc::new(AtomicU32::new(0))).collect();
+    let mut stores = Vec::new();
+    for finished in &finished_by {
+        let connection = Arc::new(RedisStore::connect(&redis.url()).await.expect("connect to the test redis"));
+        stores.push(node_store(connection, outbox_closed.clone(), finished.clone()));
+    }
+    // Two pushes in flight per node and slow replies: neither node can take every push alone.
+    let h = Harness::over(fake, stores, outbox_closed, |c| c.push.concurrency_per_provider = 2).await;
+    h.fake.inject(Fault::delayed("apns", 100));
+    h.campaign("c1").await;
+    let users: Vec<String> = (0..16).map(|i| format!("apns-user-{i}")).collect();
+    for (i, user) in users.iter().enumerate() {
+        h.device(user, "iphone", "apns", &format!("{i:064x}")).await;
+    }
+    let ts = now_ms() - 60_000;
+    for user in &users {
+        assert_eq!(h.ping_inside(user, ts).await.len(), 1);
+    }
+    h.outbox_closed.store(false, Ordering::SeqCst);
+
+    h.pushes_become("c1", stats(users.len() as u64, 0, 0, 0)).await;
+    let (tokens, statuses) = apns_tokens_and_statuses(&h.fake);
+    assert!(statuses.iter().all(|s| *s == 200), "APNs refused some (429 TooManyProviderTokenUpdates?): {statuses:?}");
+    assert_eq!(tokens.len(), 1, "one provider token for the key, whichever node sent");
+    let per_node: Vec<u32> = finished_by.iter().map(|n| n.load(Ordering::SeqCst)).collect();
+    assert!(per_node.iter().all(|n| *n > 0), "both nodes pushed: {per_node:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_on_its_data_dir_sends_the_apns_token_it_signed_before() {
+    let data = tempfile::tempdir().unwrap();
+    let open = || async {
+        // The stopped node's writer thread lets go of the database shortly after it stopped.
+        eventually("the data directory to be free", || async {
+            EmbeddedStore::open(EmbeddedConfig::new(data.path())).ok().map(|s| s as Arc<dyn Store>)
+        })
+        .await
+    };
+    let fake = Arc::new(fakepush::start(FakePushConfig::for_tests(scratch_dir())).await.unwrap());
+    let node = Harness::over(fake, vec![open().await], Arc::new(AtomicBool::new(false)), |_| {}).await;
+    node.campaign("before").await;
+    node.device("ivy", "iphone", "apns", APNS_TOKEN).await;
+    node.ping_inside("ivy", now_ms() - 60_000).await;
+    node.pushes_become("before", stats(1, 0, 0, 0)).await;
+    let fake = node.stop().await;
+
+    // Seconds later — well within the 20 minutes in which APNs refuses another token for the key.
+    let node = Harness::over(fake, vec![open().await], Arc::new(AtomicBool::new(false)), |_| {}).await;
+    node.campaign("after").await;
+    node.ping_inside("ivy", now_ms() - 30_000).await;
+    node.pushes_become("after", stats(1, 0, 0, 0)).await;
+    let (tokens, statuses) = apns_tokens_and_statuses(&node.fake);
+    assert_eq!(statuses, [200, 200], "the restarted node's push was taken");
+    assert_eq!(tokens.len(), 1, "the token signed before the restart, read back from the store");
+}
+
 #[tokio::test]
 async fn metrics_count_pushes_by_provider_and_outcome_with_latency_and_outbox_depth() {
     let h = Harness::start(|_| {}).await;
@@ -492,14 +589,23 @@ async fn metrics_count_pushes_by_provider_and_outcome_with_latency_and_outbox_de
     }
 }
 
+/// One node's connection to a shared store: its outbox held closed while `closed` is set (as in
+/// [`gated_store`]), and the pushes it recorded an outcome of counted in `finished`.
+fn node_store(connection: Arc<dyn Store>, closed: Arc<AtomicBool>, finished: Arc<AtomicU32>) -> Arc<dyn Store> {
+    Arc::new(Hooked::new(connection, move |method| {
+        if method == "outbox_take" && closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("the test holds the outbox closed".into()));
+        }
+        if method == "outbox_finish" {
+            finished.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }))
+}
+
 /// A memory store whose outbox can be closed: while `closed` is set, `outbox_take` fails (the
 /// dispatcher then finds nothing, as if every entry were leased elsewhere, and polls again), so a
 /// test can change the world between issue and delivery. Everything else goes straight through.
 fn gated_store(closed: Arc<AtomicBool>) -> Arc<dyn Store> {
-    Arc::new(Hooked::new(Arc::new(MemoryStore::new()), move |method| {
-        if method == "outbox_take" && closed.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("the test holds the outbox closed".into()));
-        }
-        Ok(())
-    }))
+    node_store(Arc::new(MemoryStore::new()), closed, Arc::new(AtomicU32::new(0)))
 }

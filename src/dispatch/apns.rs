@@ -2,33 +2,45 @@
 //! provider token signed with the team's `.p8` key, and the reply classified into a
 //! [`PushOutcome`].
 //!
-//! Apple wants the provider token reused: a token is good for an hour, and one re-signed more
-//! often than every 20 minutes is refused (`429 TooManyProviderTokenUpdates`). So a token is
-//! re-signed after [`RESIGN_AFTER`] (40 min), or after APNs called it expired or invalid — but
-//! never before [`MIN_TOKEN_AGE`] (20 min), whatever the concurrency: signing happens under a
-//! lock that also guards the token.
+//! Apple wants the provider token reused: a token is good for an hour, and a key's token replaced
+//! more often than every 20 minutes is refused (`429 TooManyProviderTokenUpdates`) — whoever
+//! replaced it. So the token lives in the store ([`ProviderTokenStore`]), one per key, and every
+//! node, and every start of a node, sends the one kept there: a token is replaced once it is
+//! [`RESIGN_AFTER`] (40 min) old, or after APNs called it expired or invalid — but never before
+//! [`MIN_TOKEN_AGE`] (20 min). The node that finds it due first signs a new one and the store
+//! keeps it; one racing it gets the kept one back in place of its own. Each node caches the token,
+//! so a push costs no store round trip; a refresh is single-flight within the node. If the store
+//! cannot be asked, the token in hand is used up to [`MAX_TOKEN_AGE`] (50 min) rather than one
+//! signed alone, which APNs would refuse.
 //!
 //! Built on reqwest (`http2_prior_knowledge` over https, so ALPN offers `h2` alone) rather
 //! than the `a2` crate, which always talks to Apple's own hosts and trusts only the system
 //! roots: it could reach neither `kabao fake-push` nor a sandbox behind a proxy with its own CA.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use async_trait::async_trait;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 
-use super::clock::{unix_s, SharedClock};
+use super::clock::{unix_ms, unix_s, SharedClock};
 use super::http_client;
 use super::{payload, PushOutcome, PushProvider};
-use crate::store::{Device, IssuedCoupon};
+use crate::store::{Device, IssuedCoupon, ProviderToken, ProviderTokenStore};
 
 /// A provider token is re-signed once it is this old (Apple: between 20 and 60 minutes).
 pub const RESIGN_AFTER: Duration = Duration::from_secs(40 * 60);
 /// A provider token is never replaced younger than this (Apple refuses faster updates).
 pub const MIN_TOKEN_AGE: Duration = Duration::from_secs(20 * 60);
+/// A provider token is never sent older than this (API.md; Apple's limit is an hour), even while
+/// the store cannot be asked for a newer one.
+pub const MAX_TOKEN_AGE: Duration = Duration::from_secs(50 * 60);
+/// After asking the store failed, the token in hand is used this long before asking again, so a
+/// store that is down does not cost every push a store timeout.
+const STORE_RETRY: Duration = Duration::from_secs(5);
 /// APNs limits `apns-collapse-id` to this many bytes.
 pub const MAX_COLLAPSE_ID_BYTES: usize = 64;
 
@@ -51,6 +63,8 @@ pub struct ApnsSettings {
     pub timeout: Duration,
     /// Wall clock for the token's `iat` and age.
     pub clock: SharedClock,
+    /// Where the provider token every node uses is kept.
+    pub tokens: Arc<dyn ProviderTokenStore>,
 }
 
 impl ApnsSettings {
@@ -60,15 +74,59 @@ impl ApnsSettings {
     }
 }
 
-/// A signed provider token.
+/// The provider token in hand: the one the store kept, as this node last read it.
 #[derive(Debug, Clone)]
-struct ProviderToken {
+struct CachedToken {
     /// `bearer` value.
     jwt: String,
-    /// When it was signed (its `iat`).
+    /// When it was signed (its `iat`), by whichever node signed it.
     issued_at: SystemTime,
     /// APNs called it expired or invalid: replace it as soon as [`MIN_TOKEN_AGE`] allows.
     rejected: bool,
+    /// APNs answered `TooManyProviderTokenUpdates`: another token of the key is in use (another
+    /// node replaced it), so read the store again before the next push.
+    superseded: bool,
+}
+
+impl CachedToken {
+    fn kept(token: ProviderToken) -> Self {
+        let issued_at = UNIX_EPOCH + Duration::from_millis(token.issued_at_ms.max(0) as u64);
+        Self { jwt: token.token, issued_at, rejected: false, superseded: false }
+    }
+
+    /// How old it is at `now`; a clock behind the signer's reads as age 0.
+    fn age(&self, now: SystemTime) -> Duration {
+        now.duration_since(self.issued_at).unwrap_or(Duration::ZERO)
+    }
+
+    /// Whether the store is to be asked for another before the next push.
+    fn due(&self, now: SystemTime) -> bool {
+        let age = self.age(now);
+        self.superseded || age >= RESIGN_AFTER || (self.rejected && age >= MIN_TOKEN_AGE)
+    }
+}
+
+/// The token in hand and how asking the store for one last went.
+#[derive(Debug, Default)]
+struct TokenState {
+    current: Option<CachedToken>,
+    /// When asking the store last failed (cleared when it answers).
+    store_failed_at: Option<SystemTime>,
+}
+
+impl TokenState {
+    /// The token to send at `now` without asking the store: the one in hand unless it is due —
+    /// or, while the store failed within [`STORE_RETRY`], even if due, up to [`MAX_TOKEN_AGE`].
+    fn usable(&self, now: SystemTime) -> Option<String> {
+        let token = self.current.as_ref()?;
+        let usable = !token.due(now) || (self.store_failed_recently(now) && token.age(now) < MAX_TOKEN_AGE);
+        usable.then(|| token.jwt.clone())
+    }
+
+    /// Asking the store failed within [`STORE_RETRY`] of `now`.
+    fn store_failed_recently(&self, now: SystemTime) -> bool {
+        self.store_failed_at.is_some_and(|at| now.duration_since(at).unwrap_or(Duration::ZERO) < STORE_RETRY)
+    }
 }
 
 /// The provider token's claims.
@@ -92,8 +150,16 @@ pub struct ApnsProvider {
     team_id: String,
     /// The `.p8` key.
     signing_key: EncodingKey,
-    /// The current token. A plain mutex: signing is microseconds and never awaits.
-    token: parking_lot::Mutex<Option<ProviderToken>>,
+    /// The token in hand. A plain mutex, never held across an await: a push only reads it.
+    token: parking_lot::Mutex<TokenState>,
+    /// Held while asking the store, so concurrent pushes that find the token due ask once.
+    refresh: tokio::sync::Mutex<()>,
+    /// Where the token every node uses is kept.
+    tokens: Arc<dyn ProviderTokenStore>,
+    /// This key's name in [`Self::tokens`]: team, key id and a digest of the key itself, so a
+    /// new key under an old id (a `kabao fake-push` started afresh) never inherits the old
+    /// key's token.
+    slot: String,
     /// Wall clock.
     clock: SharedClock,
 }
@@ -125,49 +191,124 @@ impl ApnsProvider {
         anyhow::ensure!(!settings.key_id.is_empty(), "the APNs key id is empty");
         anyhow::ensure!(!settings.team_id.is_empty(), "the APNs team id is empty");
         anyhow::ensure!(!settings.topic.is_empty(), "the APNs topic is empty");
+        let digest = ring::digest::digest(&ring::digest::SHA256, settings.key_pem.trim().as_bytes());
+        let fingerprint: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
         Ok(Self {
             client: http_client::build(&settings.extra_roots, true, settings.timeout)?,
             base_url,
             topic: settings.topic,
+            slot: format!("apns:{}:{}:{fingerprint}", settings.team_id, settings.key_id),
             key_id: settings.key_id,
             team_id: settings.team_id,
             signing_key,
-            token: parking_lot::Mutex::new(None),
+            token: parking_lot::Mutex::new(TokenState::default()),
+            refresh: tokio::sync::Mutex::new(()),
+            tokens: settings.tokens,
             clock: settings.clock,
         })
     }
 
-    /// The token to send now: the current one, or a newly signed one when none exists, it is
-    /// [`RESIGN_AFTER`] old, or APNs rejected it and it is at least [`MIN_TOKEN_AGE`] old.
-    fn provider_token(&self) -> Result<String, String> {
-        let mut current = self.token.lock();
+    /// The token to send now: the one in hand, or — when there is none, it is [`RESIGN_AFTER`]
+    /// old, or APNs rejected it and it is [`MIN_TOKEN_AGE`] old — the one the store keeps after
+    /// offering it a newly signed one.
+    async fn provider_token(&self) -> Result<String, String> {
+        if let Some(jwt) = self.token.lock().usable(self.clock.now()) {
+            return Ok(jwt);
+        }
+        let _single_flight = self.refresh.lock().await;
         let now = self.clock.now();
-        if let Some(token) = current.as_ref() {
-            // A clock that went backwards reads as age 0: keep the token.
-            let age = now.duration_since(token.issued_at).unwrap_or(Duration::ZERO);
-            let due = age >= RESIGN_AFTER || (token.rejected && age >= MIN_TOKEN_AGE);
-            if !due {
-                return Ok(token.jwt.clone());
+        let in_hand = {
+            let state = self.token.lock();
+            // Another push may have refreshed it while this one waited for the lock.
+            if let Some(jwt) = state.usable(now) {
+                return Ok(jwt);
+            }
+            if state.current.is_none() && state.store_failed_recently(now) {
+                // No token in hand: the pushes queued behind a failed ask fail fast, not each
+                // after a store timeout of its own.
+                return Err("the store could not be asked for the APNs provider token a moment ago".into());
+            }
+            state.current.clone()
+        };
+        match self.shared_token(now, in_hand.as_ref()).await {
+            Ok(token) => {
+                let jwt = token.jwt.clone();
+                *self.token.lock() = TokenState { current: Some(token), store_failed_at: None };
+                Ok(jwt)
+            }
+            Err(reason) => {
+                let mut state = self.token.lock();
+                state.store_failed_at = Some(now);
+                match state.current.as_ref().filter(|t| t.age(now) < MAX_TOKEN_AGE) {
+                    Some(token) => {
+                        tracing::warn!(%reason, "cannot refresh the APNs provider token; using the one in hand");
+                        Ok(token.jwt.clone())
+                    }
+                    None => Err(reason),
+                }
             }
         }
+    }
+
+    /// Offers the store a token signed now and answers the one it keeps (maybe another node's).
+    async fn shared_token(&self, now: SystemTime, in_hand: Option<&CachedToken>) -> Result<CachedToken, String> {
+        let candidate = ProviderToken { token: self.sign(now)?, issued_at_ms: unix_ms(now) };
+        let ask = |candidate: ProviderToken, replace_after: Duration| {
+            let replace_after_ms = replace_after.as_millis() as i64;
+            async move {
+                self.tokens
+                    .provider_token(&self.slot, candidate, replace_after_ms)
+                    .await
+                    .map_err(|e| format!("reading the APNs provider token from the store: {e}"))
+            }
+        };
+        let signed = candidate.token.clone();
+        let mut kept = ask(candidate.clone(), RESIGN_AFTER).await?;
+        let rejected_still_kept = in_hand.is_some_and(|t| t.rejected && t.jwt == kept.token);
+        if rejected_still_kept {
+            // APNs refused the token the store still keeps, and it is old enough to replace.
+            kept = ask(candidate, MIN_TOKEN_AGE).await?;
+        }
+        if kept.token == signed {
+            tracing::info!(slot = %self.slot, "signed a new APNs provider token; the store keeps it for every node");
+        } else {
+            tracing::debug!(slot = %self.slot, "using the APNs provider token the store keeps");
+        }
+        let mut token = CachedToken::kept(kept);
+        if token.jwt == signed {
+            // The store keeps whole milliseconds; the instant it was signed is known exactly here.
+            token.issued_at = now;
+        }
+        // Still the token APNs refused (too young to replace): it stays marked.
+        token.rejected = in_hand.is_some_and(|t| t.rejected && t.jwt == token.jwt);
+        Ok(token)
+    }
+
+    /// A provider token with `iat` = `now`.
+    fn sign(&self, now: SystemTime) -> Result<String, String> {
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(self.key_id.clone());
         let claims = Claims { iss: &self.team_id, iat: unix_s(now) };
-        let jwt = jsonwebtoken::encode(&header, &claims, &self.signing_key)
-            .map_err(|e| format!("signing the APNs provider token: {e}"))?;
-        tracing::debug!("signed a new APNs provider token");
-        *current = Some(ProviderToken { jwt: jwt.clone(), issued_at: now, rejected: false });
-        Ok(jwt)
+        jsonwebtoken::encode(&header, &claims, &self.signing_key)
+            .map_err(|e| format!("signing the APNs provider token: {e}"))
     }
 
     /// APNs refused `jwt` as expired or invalid: mark it for replacement. Returns how long until
-    /// a new one may be signed (the earliest worth retrying).
+    /// it may be replaced (the earliest worth retrying).
     fn reject_token(&self, jwt: &str) -> Option<Duration> {
-        let mut current = self.token.lock();
-        let token = current.as_mut().filter(|t| t.jwt == jwt)?;
+        let mut state = self.token.lock();
+        let token = state.current.as_mut().filter(|t| t.jwt == jwt)?;
         token.rejected = true;
-        let age = self.clock.now().duration_since(token.issued_at).unwrap_or(Duration::ZERO);
+        let age = token.age(self.clock.now());
         MIN_TOKEN_AGE.checked_sub(age).filter(|d| !d.is_zero())
+    }
+
+    /// APNs answered `TooManyProviderTokenUpdates` to `jwt`: another token of the key is in use,
+    /// so the next push reads the store again.
+    fn supersede_token(&self, jwt: &str) {
+        if let Some(token) = self.token.lock().current.as_mut().filter(|t| t.jwt == jwt) {
+            token.superseded = true;
+        }
     }
 
     fn url(&self, segments: &[String; 3]) -> reqwest::Url {
@@ -206,7 +347,7 @@ impl PushProvider for ApnsProvider {
                 reason: format!("coupon id is over APNs's {MAX_COLLAPSE_ID_BYTES}-byte apns-collapse-id limit"),
             };
         }
-        let jwt = match self.provider_token() {
+        let jwt = match self.provider_token().await {
             Ok(jwt) => jwt,
             Err(reason) => return PushOutcome::retry(reason),
         };
@@ -228,11 +369,19 @@ impl PushProvider for ApnsProvider {
             Ok(body) => body,
             Err(e) => return PushOutcome::retry(format!("APNs reply cut off: {}", http_client::describe(&e))),
         };
-        if status == reqwest::StatusCode::FORBIDDEN {
+        if matches!(status.as_u16(), 403 | 429) {
             let reason = serde_json::from_slice::<ErrorReply>(&body).unwrap_or_default().reason;
-            if matches!(reason.as_str(), "ExpiredProviderToken" | "InvalidProviderToken") {
-                let wait = self.reject_token(&jwt);
-                return PushOutcome::Retry { reason: format!("APNs 403 {reason}"), retry_after: retry_after.max(wait) };
+            match reason.as_str() {
+                "ExpiredProviderToken" | "InvalidProviderToken" => {
+                    let wait = self.reject_token(&jwt);
+                    return PushOutcome::Retry {
+                        reason: format!("APNs 403 {reason}"),
+                        retry_after: retry_after.max(wait),
+                    };
+                }
+                // A retry, as any 429; the retry sends the token the store keeps now.
+                "TooManyProviderTokenUpdates" => self.supersede_token(&jwt),
+                _ => {}
             }
         }
         classify(status, retry_after, &body)

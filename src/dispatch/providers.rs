@@ -17,7 +17,7 @@ use super::http_client;
 use super::log::LogProvider;
 use super::{PushOutcome, PushProvider};
 use crate::config::{PushConfig, PushProviderKind};
-use crate::store::{Device, IssuedCoupon, Platform};
+use crate::store::{Device, IssuedCoupon, Platform, ProviderTokenStore};
 
 /// The provider of each platform.
 #[derive(Clone)]
@@ -62,8 +62,9 @@ impl PushProvider for Providers {
     }
 }
 
-/// Builds the providers `config` asks for, reading and checking every key file.
-pub fn providers_from_config(config: &PushConfig) -> anyhow::Result<Providers> {
+/// Builds the providers `config` asks for, reading and checking every key file. APNs keeps its
+/// provider token in `tokens` (the store every node shares).
+pub fn providers_from_config(config: &PushConfig, tokens: Arc<dyn ProviderTokenStore>) -> anyhow::Result<Providers> {
     if config.provider == PushProviderKind::Log {
         return Ok(Providers::log());
     }
@@ -113,6 +114,7 @@ pub fn providers_from_config(config: &PushConfig) -> anyhow::Result<Providers> {
             extra_roots,
             timeout: config.request_timeout,
             clock: clock::system(),
+            tokens,
         };
         let provider = ApnsProvider::new(settings).with_context(|| format!("APNs key file {}", path.display()))?;
         providers.apns = Arc::new(provider);

@@ -51,8 +51,9 @@ impl DispatchConfig {
             concurrency_per_provider: push.concurrency_per_provider,
             backoff: Backoff { base: push.backoff_base, max: push.backoff_max },
             // Far above the longest attempt (the request timeout, 10 s by default), so an entry
-            // in flight is never handed to a second dispatcher.
-            lease: Duration::from_secs(60).max(push.request_timeout * 3),
+            // in flight is never handed to a second dispatcher (a config of less is refused; a
+            // PushConfig built in code is held to it here).
+            lease: push.lease.max(push.request_timeout * 3),
             idle_poll: Duration::from_millis(200),
             gauge_interval: Duration::from_secs(5),
         }

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use crate::domain::{Campaign, CampaignDoc, CampaignId, Caps, CouponId, DeviceId, FenceId, UserId};
 
 use super::{
-    CampaignChange, Device, IssueCandidate, IssueOutcome, IssueRequest, IssuedCoupon, OutboxEntry, Platform, PushFinal,
-    RedeemError, Store, StoreError, UserCommit, UserCommitResult, UserStateRecord,
+    CampaignChange, Device, IssueCandidate, IssueOutcome, IssueRequest, IssuedCoupon, OutboxEntry, Platform,
+    ProviderToken, PushFinal, RedeemError, Store, StoreError, UserCommit, UserCommitResult, UserStateRecord,
 };
 
 /// A ping time well inside any plausible window.
@@ -41,6 +41,7 @@ pub async fn store_contract_suite(store: Arc<dyn Store>) {
     erase_user(&store).await;
     concurrent_issue_never_breaks_a_cap(&store).await;
     campaigns_read_back_whole(&store).await;
+    provider_tokens(&store).await;
 }
 
 /// The contract as tests, for a store's own test module: the whole suite on one store, then one
@@ -51,7 +52,7 @@ pub async fn store_contract_suite(store: Arc<dyn Store>) {
 #[macro_export]
 macro_rules! store_contract_tests {
     ($open:path) => {
-        $crate::store_contract_tests!(@sections $open; campaigns_crud, stats_and_id_reuse, devices, issue_dedup, issue_audience, issue_cooldown, issue_per_user_max, issue_total_max, issue_daily_cap, wallet_and_coupon, redeem, outbox, push_outcomes, user_states, commit_decides_in_event_time, campaign_feed, erase_user, concurrent_issue_never_breaks_a_cap, campaigns_read_back_whole);
+        $crate::store_contract_tests!(@sections $open; campaigns_crud, stats_and_id_reuse, devices, issue_dedup, issue_audience, issue_cooldown, issue_per_user_max, issue_total_max, issue_daily_cap, wallet_and_coupon, redeem, outbox, push_outcomes, user_states, commit_decides_in_event_time, campaign_feed, erase_user, concurrent_issue_never_breaks_a_cap, campaigns_read_back_whole, provider_tokens);
     };
     (@sections $open:path; $($section:ident),*) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -813,4 +814,39 @@ pub async fn campaigns_read_back_whole(store: &Arc<dyn Store>) {
         other => panic!("expected the upsert, got {other:?}"),
     }
     store.delete_campaign(&cid("rb-a")).await.unwrap();
+}
+
+/// Provider tokens: one per slot, kept until the next candidate is `replace_after_ms` younger,
+/// then replaced; callers racing to replace a due token all end up with the one that was kept.
+pub async fn provider_tokens(store: &Arc<dyn Store>) {
+    const MINUTE: i64 = 60_000;
+    const RESIGN: i64 = 40 * MINUTE;
+    let token = |name: &str, issued_at_ms: i64| ProviderToken { token: name.into(), issued_at_ms };
+    let keep = |slot: &'static str, candidate: ProviderToken, replace_after_ms: i64| {
+        let store = store.clone();
+        async move { store.provider_token(slot, candidate, replace_after_ms).await.expect("provider_token") }
+    };
+    let slot = "contract:apns:one";
+    assert_eq!(keep(slot, token("first", T), RESIGN).await, token("first", T), "none kept: the candidate is");
+    assert_eq!(keep(slot, token("early", T + 39 * MINUTE), RESIGN).await, token("first", T), "not due yet");
+    assert_eq!(keep(slot, token("other", T), RESIGN).await, token("first", T), "other slots do not count");
+    let due = token("second", T + RESIGN);
+    assert_eq!(keep(slot, due.clone(), RESIGN).await, due, "due at exactly replace_after_ms");
+    assert_eq!(keep(slot, token("probe", T + RESIGN + 1), RESIGN).await, due, "the replacement is kept");
+    // A caller whose token was refused asks with a shorter age (20 min): that one decides.
+    let early = token("third", T + RESIGN + 20 * MINUTE);
+    assert_eq!(keep(slot, early.clone(), 20 * MINUTE).await, early);
+    // A candidate from a clock behind the signer's is never preferred to the kept token.
+    assert_eq!(keep(slot, token("behind", T), RESIGN).await, early);
+    assert_eq!(keep("contract:apns:two", token("own", T), RESIGN).await, token("own", T), "slots are independent");
+
+    // Eight nodes find the kept token due at once and each offers its own.
+    let race = "contract:apns:race";
+    keep(race, token("stale", T - 50 * MINUTE), RESIGN).await;
+    let racers = (0..8).map(|i| tokio::spawn(keep(race, token(&format!("racer-{i}"), T + i), RESIGN)));
+    let got: Vec<ProviderToken> =
+        futures::future::join_all(racers).await.into_iter().map(|r| r.expect("racer ran")).collect();
+    assert!(got[0].token.starts_with("racer-"), "the stale token was replaced: {got:?}");
+    assert!(got.iter().all(|t| *t == got[0]), "every racer got the token that was kept: {got:?}");
+    assert_eq!(keep(race, token("probe", T + 8), RESIGN).await, got[0]);
 }

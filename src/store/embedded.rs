@@ -38,8 +38,8 @@ use tokio::sync::oneshot;
 use super::rules::{self, IssueView};
 use super::{
     CampaignChange, CampaignChanges, CampaignStats, CampaignStore, ChangeLog, CouponRecord, DeadLetter, Device,
-    DeviceStore, IssueOutcome, IssueStore, IssuedCoupon, OutboxEntry, OutboxStore, PushFinal, PushStats, RedeemError,
-    Store, StoreError, UserCommit, UserCommitResult, UserStateRecord,
+    DeviceStore, IssueOutcome, IssueStore, IssuedCoupon, OutboxEntry, OutboxStore, ProviderToken, ProviderTokenStore,
+    PushFinal, PushStats, RedeemError, Store, StoreError, UserCommit, UserCommitResult, UserStateRecord,
 };
 use crate::domain::{Campaign, CampaignDoc, CampaignId, CouponId, DeviceId, UserId};
 
@@ -72,6 +72,8 @@ const WALLETS: TableDefinition<&[u8], ()> = TableDefinition::new("wallets");
 const EXPIRIES: TableDefinition<&[u8], &str> = TableDefinition::new("expiries");
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+/// slot → the provider token every start of this node uses (see [`ProviderTokenStore`]).
+const PROVIDER_TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("provider_tokens");
 
 /// How the embedded store runs.
 #[derive(Debug, Clone)]
@@ -183,6 +185,7 @@ struct Tables<'txn> {
     expiries: Table<'txn, &'static [u8], &'static str>,
     outbox: Table<'txn, u64, &'static [u8]>,
     dead_letters: Table<'txn, u64, &'static [u8]>,
+    provider_tokens: Table<'txn, &'static str, &'static [u8]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -199,6 +202,8 @@ impl<'txn> Tables<'txn> {
             expiries: txn.open_table(EXPIRIES).map_err(io)?,
             outbox: txn.open_table(OUTBOX).map_err(io)?,
             dead_letters: txn.open_table(DEAD_LETTERS).map_err(io)?,
+            // New in a database of format 1 is fine: opening it in a write transaction creates it.
+            provider_tokens: txn.open_table(PROVIDER_TOKENS).map_err(io)?,
         })
     }
 }
@@ -1087,9 +1092,12 @@ impl OutboxStore for EmbeddedStore {
         now_ms: i64,
         lease_ms: i64,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
+        // Locked before the read begins, and a lease dropped only once the write that ends it is
+        // committed (outbox_finish, outbox_retry): so a read that still sees an entry being
+        // finished also sees its lease, and the entry is not handed out a second time.
+        let mut memory = self.memory.lock();
         let rows = self.read(|txn| {
             let outbox = txn.open_table(OUTBOX).map_err(io)?;
-            let memory = self.memory.lock();
             let mut due = Vec::new();
             for row in outbox.iter().map_err(io)? {
                 if due.len() >= max {
@@ -1107,13 +1115,8 @@ impl OutboxStore for EmbeddedStore {
             }
             Ok(due)
         })?;
-        let mut memory = self.memory.lock();
         let mut taken = Vec::with_capacity(rows.len());
         for (seq, entry) in rows {
-            // Another take may have leased it since the read.
-            if memory.leases.get(&seq).is_some_and(|&until| until > now_ms) {
-                continue;
-            }
             memory.leases.insert(seq, now_ms.saturating_add(lease_ms));
             taken.push(entry);
         }
@@ -1123,7 +1126,7 @@ impl OutboxStore for EmbeddedStore {
     async fn outbox_retry(&self, entry: &OutboxEntry, attempts: u32, not_before_ms: i64) -> Result<(), StoreError> {
         let Some(seq) = seq_of(entry) else { return Ok(()) };
         let campaign = entry.coupon.campaign_id.clone();
-        self.write(move |tables, memory| {
+        self.write(move |tables, _| {
             let Some(v) = tables.outbox.get(seq).map_err(io)? else { return Ok(()) };
             let mut record: OutboxRecord = decode("outbox entry", v.value())?;
             drop(v);
@@ -1131,20 +1134,23 @@ impl OutboxStore for EmbeddedStore {
             record.due_at_ms = not_before_ms;
             let first_retry = !std::mem::replace(&mut record.retrying, true);
             tables.outbox.insert(seq, encode(&record).as_slice()).map_err(io)?;
-            memory.leases.remove(&seq);
             if first_retry {
                 update_push_stats(tables, &campaign, |p| p.retrying += 1)?;
             }
             Ok(())
         })
-        .await
+        .await?;
+        // Only now: a take reading before the commit would see the entry as still due.
+        self.memory.lock().leases.remove(&seq);
+        Ok(())
     }
 
     async fn outbox_finish(&self, entry: &OutboxEntry, outcome: PushFinal, now_ms: i64) -> Result<(), StoreError> {
         let Some(seq) = seq_of(entry) else { return Ok(()) };
         let entry = entry.clone();
         self.write(move |tables, memory| {
-            memory.leases.remove(&seq);
+            // Withheld from every take until the removal is committed (see outbox_take).
+            memory.leases.insert(seq, i64::MAX);
             let Some(v) = tables.outbox.remove(seq).map_err(io)? else { return Ok(()) };
             let record: OutboxRecord = decode("outbox entry", v.value())?;
             drop(v);
@@ -1183,7 +1189,9 @@ impl OutboxStore for EmbeddedStore {
             }
             Ok(())
         })
-        .await
+        .await?;
+        self.memory.lock().leases.remove(&seq);
+        Ok(())
     }
 
     async fn outbox_len(&self) -> Result<u64, StoreError> {
@@ -1213,6 +1221,34 @@ fn update_push_stats(
         tables.counters.insert(campaign.as_str(), encode(&c).as_slice()).map_err(io)?;
     }
     Ok(())
+}
+
+#[async_trait]
+impl ProviderTokenStore for EmbeddedStore {
+    async fn provider_token(
+        &self,
+        slot: &str,
+        candidate: ProviderToken,
+        replace_after_ms: i64,
+    ) -> Result<ProviderToken, StoreError> {
+        let slot = slot.to_owned();
+        // Through the writer, so the token is on disk before any push carries it: a node
+        // restarted at once finds it rather than signing another.
+        self.write(move |tables, _| {
+            let kept = match tables.provider_tokens.get(slot.as_str()).map_err(io)? {
+                Some(v) => Some(decode::<ProviderToken>("provider token", v.value())?),
+                None => None,
+            };
+            match kept {
+                Some(kept) if !super::provider_token_due(&kept, &candidate, replace_after_ms) => Ok(kept),
+                _ => {
+                    tables.provider_tokens.insert(slot.as_str(), encode(&candidate).as_slice()).map_err(io)?;
+                    Ok(candidate)
+                }
+            }
+        })
+        .await
+    }
 }
 
 #[async_trait]

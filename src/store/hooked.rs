@@ -8,7 +8,8 @@ use async_trait::async_trait;
 
 use super::{
     CampaignChanges, CampaignStats, CampaignStore, CouponRecord, DeadLetter, Device, DeviceStore, IssueStore,
-    OutboxEntry, OutboxStore, PushFinal, RedeemError, Store, StoreError, UserCommit, UserCommitResult, UserStateRecord,
+    OutboxEntry, OutboxStore, ProviderToken, ProviderTokenStore, PushFinal, RedeemError, Store, StoreError, UserCommit,
+    UserCommitResult, UserStateRecord,
 };
 use crate::domain::{Campaign, CampaignId, CouponId, DeviceId, UserId};
 
@@ -86,6 +87,12 @@ hooked! {
         outbox_finish(entry: &OutboxEntry, outcome: PushFinal, now_ms: i64) -> Result<(), StoreError>;
         outbox_len() -> Result<u64, StoreError>;
         dead_letters(limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
+    }
+}
+
+hooked! {
+    ProviderTokenStore {
+        provider_token(slot: &str, candidate: ProviderToken, replace_after_ms: i64) -> Result<ProviderToken, StoreError>;
     }
 }
 

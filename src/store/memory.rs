@@ -31,8 +31,8 @@ use rustc_hash::FxHashMap;
 use super::rules::{self, IssueView};
 use super::{
     CampaignChange, CampaignChanges, CampaignStats, CampaignStore, ChangeLog, CouponRecord, DeadLetter, Device,
-    DeviceStore, IssueOutcome, IssueStore, IssuedCoupon, OutboxEntry, OutboxStore, PushFinal, RedeemError, Store,
-    StoreError, UserCommit, UserCommitResult, UserStateRecord,
+    DeviceStore, IssueOutcome, IssueStore, IssuedCoupon, OutboxEntry, OutboxStore, ProviderToken, ProviderTokenStore,
+    PushFinal, RedeemError, Store, StoreError, UserCommit, UserCommitResult, UserStateRecord,
 };
 use crate::domain::{Campaign, CampaignId, CouponId, DeviceId, UserId};
 
@@ -81,6 +81,8 @@ struct State {
     last_seq: u64,
     /// Pushes given up, oldest first.
     dead_letters: VecDeque<DeadLetter>,
+    /// Provider tokens by slot.
+    provider_tokens: FxHashMap<String, ProviderToken>,
 }
 
 /// Counters of one campaign incarnation.
@@ -494,6 +496,23 @@ impl OutboxStore for MemoryStore {
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         Ok(self.state.lock().dead_letters.iter().rev().take(limit).cloned().collect())
+    }
+}
+
+#[async_trait]
+impl ProviderTokenStore for MemoryStore {
+    async fn provider_token(
+        &self,
+        slot: &str,
+        candidate: ProviderToken,
+        replace_after_ms: i64,
+    ) -> Result<ProviderToken, StoreError> {
+        let mut state = self.state.lock();
+        let kept = state.provider_tokens.entry(slot.to_owned()).or_insert_with(|| candidate.clone());
+        if super::provider_token_due(kept, &candidate, replace_after_ms) {
+            *kept = candidate;
+        }
+        Ok(kept.clone())
     }
 }
 

@@ -1,9 +1,11 @@
-//! The store: campaigns, devices, wallets, caps, users' trigger state and the push outbox.
+//! The store: campaigns, devices, wallets, caps, users' trigger state, the push outbox and the
+//! APNs provider token every node uses.
 //!
 //! One [`Store`] trait made of role traits ([`CampaignStore`], [`DeviceStore`], [`IssueStore`],
-//! [`OutboxStore`]), so a part of kabao depends on the role it uses; three implementations share
-//! one contract ([`contract`]): [`memory::MemoryStore`] (`--ephemeral`, tests, the demo), the
-//! embedded durable store (the default, one node) and the Redis store (many nodes).
+//! [`OutboxStore`], [`ProviderTokenStore`]), so a part of kabao depends on the role it uses;
+//! three implementations share one contract ([`contract`]): [`memory::MemoryStore`]
+//! (`--ephemeral`, tests, the demo), the embedded durable store (the default, one node) and the
+//! Redis store (many nodes).
 //!
 //! The shape follows DESIGN.md ("State, and where it lives"):
 //! - **One commit per request.** A request's pings are applied (pure, in the engine) against the
@@ -456,9 +458,62 @@ pub trait OutboxStore: Send + Sync + 'static {
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
 }
 
+/// A push provider's credential as the store keeps it: signed by one node, used by every node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderToken {
+    /// The credential itself (the APNs provider token: a signed JWT).
+    pub token: String,
+    /// When it was signed, ms since the epoch on the signer's clock (the JWT's `iat`).
+    pub issued_at_ms: i64,
+}
+
+/// Provider credentials shared by every node: the APNs provider token. APNs refuses a key's
+/// token being replaced more often than every 20 minutes, so nodes (and a node restarted) must
+/// not each sign their own; they keep one in the store, and whoever finds it due replaces it.
+#[async_trait]
+pub trait ProviderTokenStore: Send + Sync + 'static {
+    /// The token kept under `slot`, unless none is kept or the kept one was issued
+    /// `replace_after_ms` or more before `candidate`: then `candidate` is kept in its place and
+    /// returned. One atomic step, so of callers racing with candidates of their own, every one
+    /// gets the token the first of them kept. Durable where the store is; a store may forget a
+    /// token an hour after it was issued (APNs refuses it by then).
+    async fn provider_token(
+        &self,
+        slot: &str,
+        candidate: ProviderToken,
+        replace_after_ms: i64,
+    ) -> Result<ProviderToken, StoreError>;
+}
+
+/// Whether `kept` is to be replaced by `candidate` ([`ProviderTokenStore::provider_token`]).
+pub(crate) fn provider_token_due(kept: &ProviderToken, candidate: &ProviderToken, replace_after_ms: i64) -> bool {
+    candidate.issued_at_ms.saturating_sub(kept.issued_at_ms) >= replace_after_ms
+}
+
+/// The [`ProviderTokenStore`] role of a whole store, for a client that needs only that role (a
+/// `dyn Store` is not upcast to one of its role traits before Rust 1.86; kabao builds on 1.85).
+pub fn provider_tokens(store: Arc<dyn Store>) -> Arc<dyn ProviderTokenStore> {
+    Arc::new(ProviderTokensOf(store))
+}
+
+/// See [`provider_tokens`].
+struct ProviderTokensOf(Arc<dyn Store>);
+
+#[async_trait]
+impl ProviderTokenStore for ProviderTokensOf {
+    async fn provider_token(
+        &self,
+        slot: &str,
+        candidate: ProviderToken,
+        replace_after_ms: i64,
+    ) -> Result<ProviderToken, StoreError> {
+        self.0.provider_token(slot, candidate, replace_after_ms).await
+    }
+}
+
 /// The shared state of kabao: every role, plus health.
 #[async_trait]
-pub trait Store: CampaignStore + DeviceStore + IssueStore + OutboxStore {
+pub trait Store: CampaignStore + DeviceStore + IssueStore + OutboxStore + ProviderTokenStore {
     /// A short name for logs (`memory`, `embedded`, `redis`).
     fn kind(&self) -> &'static str;
     /// Answers when the store is reachable and still the one it was ([`StoreError::Lost`]

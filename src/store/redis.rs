@@ -899,6 +899,40 @@ impl Store for RedisStore {
     }
 }
 
+/// Keeps ARGV[1] (a provider token signed at ARGV[2] ms) under KEYS[1] unless the token kept
+/// there was signed less than ARGV[3] ms before it; forgets the key ARGV[4] ms after a write.
+/// Answers {token, issued_at_ms} of the token kept. One script, so racing nodes agree.
+const PROVIDER_TOKEN_SCRIPT: &str = r#"
+local kept = redis.call('HMGET', KEYS[1], 'token', 'issued_at_ms')
+if kept[1] and kept[2] and tonumber(ARGV[2]) - tonumber(kept[2]) < tonumber(ARGV[3]) then
+  return kept
+end
+redis.call('HSET', KEYS[1], 'token', ARGV[1], 'issued_at_ms', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {ARGV[1], ARGV[2]}
+"#;
+
+/// How long Redis keeps a provider token after it was written: APNs refuses one older than an
+/// hour, so nobody could use it after that.
+const PROVIDER_TOKEN_KEEP_MS: i64 = 3_600_000;
+
+#[async_trait]
+impl super::ProviderTokenStore for RedisStore {
+    async fn provider_token(
+        &self,
+        slot: &str,
+        candidate: super::ProviderToken,
+        replace_after_ms: i64,
+    ) -> Result<super::ProviderToken, StoreError> {
+        static SCRIPT: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| Script::new(PROVIDER_TOKEN_SCRIPT));
+        self.guard()?;
+        let mut invocation = SCRIPT.key(format!("kabao:provider_token:{slot}"));
+        invocation.arg(&candidate.token).arg(candidate.issued_at_ms).arg(replace_after_ms).arg(PROVIDER_TOKEN_KEEP_MS);
+        let (token, issued_at_ms): (String, i64) = self.run(invocation.invoke_async(&mut self.conn())).await?;
+        Ok(super::ProviderToken { token, issued_at_ms })
+    }
+}
+
 #[doc(hidden)]
 pub mod test_server;
 
