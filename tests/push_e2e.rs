@@ -1,5 +1,5 @@
 //! Push delivery end to end: the real server (in-process on `127.0.0.1:0`, over a
-//! `MemoryStore`) pointed at `kabao fake-push` (in-process on port 0, real TLS, HTTP/2 for
+//! `MemoryStore`, or a `RedisStore` on the tests' own `redis-server`) pointed at `kabao fake-push` (in-process on port 0, real TLS, HTTP/2 for
 //! APNs). A ping issues a coupon; what the fake receives, the campaign's `pushes` stats, the
 //! devices and the dead letters are then read through kabao's API, as an operator would.
 //!
@@ -19,6 +19,8 @@ use kabao::config::{Config, PushConfig};
 use kabao::fakepush::{self, FakePush, FakePushConfig, Fault, Received};
 use kabao::store::hooked::Hooked;
 use kabao::store::memory::MemoryStore;
+use kabao::store::redis::test_server::RedisServer;
+use kabao::store::redis::RedisStore;
 use kabao::store::{Store, StoreError};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -90,11 +92,16 @@ impl Harness {
         Self::nodes(1, tune).await
     }
 
-    /// `n` nodes sharing one store (and so one outbox), all pointed at one fake.
+    /// `n` nodes sharing one memory store (and so one outbox), all pointed at one fake.
     async fn nodes(n: usize, tune: impl Fn(&mut Config)) -> Self {
+        Self::nodes_over(Arc::new(MemoryStore::new()), n, tune).await
+    }
+
+    /// `n` nodes sharing `store`, all pointed at one fake.
+    async fn nodes_over(store: Arc<dyn Store>, n: usize, tune: impl Fn(&mut Config)) -> Self {
         let fake = fakepush::start(FakePushConfig::for_tests(scratch_dir())).await.unwrap();
         let outbox_closed = Arc::new(AtomicBool::new(false));
-        let store = gated_store(outbox_closed.clone());
+        let store = gated_store(store, outbox_closed.clone());
         let mut stops = Vec::new();
         let mut base = String::new();
         for _ in 0..n {
@@ -436,6 +443,20 @@ async fn a_device_deleted_between_issue_and_delivery_gets_nothing() {
 #[tokio::test]
 async fn two_nodes_sharing_an_outbox_never_resend_what_a_provider_accepted() {
     let h = Harness::nodes(2, |c| c.push.concurrency_per_provider = 8).await;
+    every_push_accepted_exactly_once(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_redis_stream_never_resend_what_a_provider_accepted() {
+    let redis = RedisServer::start();
+    let store = Arc::new(RedisStore::connect(&redis.url()).await.expect("redis"));
+    let h = Harness::nodes_over(store, 2, |c| c.push.concurrency_per_provider = 8).await;
+    every_push_accepted_exactly_once(&h).await;
+}
+
+/// 40 users with two FCM devices each, a coupon each, faults along the way: every push is
+/// accepted by the provider exactly once, whichever node's dispatcher took it.
+async fn every_push_accepted_exactly_once(h: &Harness) {
     h.campaign("c1").await;
     // FCM only: each node signs its own APNs provider token, and APNs (like the fake) refuses a
     // second token for the key within 20 minutes — nodes sharing an APNs key need one shared
@@ -492,11 +513,11 @@ async fn metrics_count_pushes_by_provider_and_outcome_with_latency_and_outbox_de
     }
 }
 
-/// A memory store whose outbox can be closed: while `closed` is set, `outbox_take` fails (the
+/// `store` with an outbox that can be closed: while `closed` is set, `outbox_take` fails (the
 /// dispatcher then finds nothing, as if every entry were leased elsewhere, and polls again), so a
 /// test can change the world between issue and delivery. Everything else goes straight through.
-fn gated_store(closed: Arc<AtomicBool>) -> Arc<dyn Store> {
-    Arc::new(Hooked::new(Arc::new(MemoryStore::new()), move |method| {
+fn gated_store(store: Arc<dyn Store>, closed: Arc<AtomicBool>) -> Arc<dyn Store> {
+    Arc::new(Hooked::new(store, move |method| {
         if method == "outbox_take" && closed.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("the test holds the outbox closed".into()));
         }
