@@ -9,15 +9,14 @@
 //! device and the new trigger states. Reading a request's trigger states is one pipelined round
 //! trip too.
 //!
-//! **Keys** are hash-tagged by user (`kabao:{u:<id>}:…`) and campaign (`kabao:{c:<id>}:…`); the
-//! layout is in the README ("Redis key layout"). The scripts run against a single Redis (or a
-//! primary with replicas), where one script may touch keys of several slots: that is the choice
-//! made here, because it makes a request's commit one round trip and `total_max` exact without a
-//! reservation protocol. Moving to Redis Cluster keeps every key and splits the commit script into
-//! a per-user script (the `{u:…}` keys) preceded by a `total_max` reservation in the campaign's
-//! slot (`{c:…}:stats`, INCR-if-below, released when the user's step refuses), as DESIGN.md says;
-//! the few global keys (the campaign index and change log, the outbox, the coupon-owner index) are
-//! written by idempotent steps of their own there.
+//! **Keys** are hash-tagged by user (`kabao:{u:<id>}:…`), campaign (`kabao:{c:<id>}:…`) and
+//! outbox (`kabao:{outbox}:…`); the layout is in the README ("Redis key layout"). The outbox's
+//! steps each stay in the `{outbox}` slot. The commit, redeem and erase scripts still touch several
+//! slots (user, campaign counters, the global coupon-owner index, the outbox stream): that works on
+//! one Redis (or a primary with replicas), where it makes a request's commit one round trip and
+//! `total_max` exact without a reservation protocol. What Redis Cluster still needs — a `total_max`
+//! reservation per campaign before the per-user steps, released when a step refuses, and a relay
+//! for the outbox write — is written out in the README, step by step.
 //!
 //! **Identity.** The key `kabao:identity` holds a random id written on first use. A node remembers
 //! it at connect; every commit and redemption script checks it, and the campaign-change poll (every
