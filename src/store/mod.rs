@@ -441,7 +441,9 @@ pub trait OutboxStore: Send + Sync + 'static {
     /// `lease_ms`: no other consumer is handed them before the lease runs out (a consumer that
     /// died leaves its entries to be taken over then). The lease runs on the store's clock where
     /// the store has one shared by every node (Redis: the consumer group's idle time), on `now_ms`
-    /// otherwise; callers pass the wall clock. Retries are due by `now_ms`.
+    /// otherwise; callers pass the wall clock. Retries are due by `now_ms`. A store that outlives
+    /// its consumers may hand a consumer's first take in a process what a dead process of the
+    /// same name left leased, at once.
     async fn outbox_take(
         &self,
         consumer: &str,

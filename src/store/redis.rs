@@ -38,6 +38,9 @@
 //! consumer; `XACK` (with `XDEL`) comes only with a final outcome; entries a consumer held longer
 //! than the lease (it died, or hangs) are taken over with `XAUTOCLAIM`. A retry leaves the stream
 //! for a sorted set of due times and is moved back as a new entry, by the take script, once due.
+//! A consumer's first take in a process also re-reads its own pending entries (`XREADGROUP … 0`):
+//! a node restarted on its address has its predecessor's name (`app::consumer_name`), so it
+//! delivers what that process left unfinished at once, not after the lease.
 //! Every outbox key carries the one global tag `{outbox}`, so each outbox step is one script in
 //! one slot (`outbox.lua`); push counters live there too, per campaign incarnation.
 
@@ -101,6 +104,8 @@ struct Inner {
     /// Set when the store's data may have been replaced under this node (it was lost and came
     /// back, or was adopted): the next change poll answers "reload everything".
     reload: AtomicBool,
+    /// The outbox consumer names that have taken through this process (see `outbox_take`).
+    outbox_consumers: Mutex<std::collections::HashSet<String>>,
     /// The change poll answered "reload everything" after a loss: the next `all_campaigns` is
     /// let through and, once it answered, the store serves again.
     recovering: AtomicBool,
@@ -213,6 +218,7 @@ impl RedisStore {
                 max_revision: AtomicU64::new(0),
                 reload: AtomicBool::new(false),
                 recovering: AtomicBool::new(false),
+                outbox_consumers: Mutex::default(),
             }),
         }
     }
@@ -893,8 +899,15 @@ impl OutboxStore for RedisStore {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let step = ["take", consumer, &now_ms.to_string(), &lease_ms.max(0).to_string(), &max.to_string()];
+        // A consumer's first take in this process also takes back what a dead process of the
+        // same name (a node restarted on its address) left pending.
+        let first = !self.inner.outbox_consumers.lock().contains(consumer);
+        let (now, lease, max_text) = (now_ms.to_string(), lease_ms.max(0).to_string(), max.to_string());
+        let step = ["take", consumer, &now, &lease, &max_text, if first { "1" } else { "0" }];
         let reply = self.run(self.outbox_step(&step).invoke_async(&mut self.conn())).await?;
+        if first {
+            self.inner.outbox_consumers.lock().insert(consumer.to_owned());
+        }
         array_of(reply)?
             .chunks(2)
             .map(|pair| {
@@ -1032,6 +1045,35 @@ mod tests {
         assert_eq!((stats.pushes.delivered, stats.pushes.retrying), (2, 0));
         assert_eq!(store.outbox_len().await.unwrap(), 0);
         assert_eq!(pending(&mut conn).await.count(), 0, "everything acknowledged");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_process_restarted_under_its_consumer_name_takes_back_its_pushes_at_once() {
+        use crate::domain::{Caps, DeviceId, UserId};
+        use crate::store::contract::{candidate, issue_one};
+        use crate::store::{Device, IssueOutcome, Platform};
+        let server = RedisServer::start();
+        let before = store(&server).await;
+        let user = UserId::parse("u", "rs-u").unwrap();
+        let device = Device { platform: Platform::Fcm, token: "t".into(), tags: Vec::new(), locale: None };
+        before.put_device(&user, &DeviceId::parse("d", "rs-d").unwrap(), device).await.unwrap();
+        assert_eq!(issue_one(&before, candidate("rs-a", "rs-u", 1_000, Caps::default())).await, IssueOutcome::Issued);
+        let now = crate::engine::now_ms;
+        let lease = 60_000;
+        let taken = before.outbox_take("kabao-h-127.0.0.1:9", 10, now(), lease).await.unwrap();
+        assert_eq!(taken.len(), 1);
+        assert!(before.outbox_take("kabao-h-127.0.0.1:9", 10, now(), lease).await.unwrap().is_empty(), "in flight");
+
+        // The process dies with the push in flight; the node restarts on its address.
+        let after = store(&server).await;
+        assert!(after.outbox_take("another-node", 10, now(), lease).await.unwrap().is_empty(), "still leased");
+        let back = after.outbox_take("kabao-h-127.0.0.1:9", 10, now(), lease).await.unwrap();
+        assert_eq!(
+            back.iter().map(|e| &e.coupon).collect::<Vec<_>>(),
+            [&taken[0].coupon],
+            "at once, not after the lease"
+        );
+        assert!(after.outbox_take("kabao-h-127.0.0.1:9", 10, now(), lease).await.unwrap().is_empty(), "once");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,9 @@
 -- from an entry's fields, in the same slot.
 --
 -- ARGV[1] the step, ARGV[2] the group, then per step:
---   take    ARGV[3] consumer, ARGV[4] now_ms, ARGV[5] lease_ms, ARGV[6] max
+--   take    ARGV[3] consumer, ARGV[4] now_ms, ARGV[5] lease_ms, ARGV[6] max, ARGV[7] '1' on the
+--           consumer's first take in its process (what a previous process of that name left
+--           pending is handed back at once)
 --           -> {handle, fields, handle, fields, ...} (fields: flat field/value list)
 --   retry   ARGV[3] handle, ARGV[4] attempts, ARGV[5] not_before_ms -> 1, or 0 if finished before
 --   finish  ARGV[3] handle, ARGV[4] outcome (delivered | dead_token | failed | dropped),
@@ -68,23 +70,30 @@ if op == 'take' then
   -- The group is made on first use (and again if the stream was lost).
   redis.pcall('XGROUP', 'CREATE', STREAM, group, '0', 'MKSTREAM')
   local out = {}
-  -- Entries whose consumer held them past the lease (it died, or hangs): taken over, oldest first.
-  local claimed = redis.call('XAUTOCLAIM', STREAM, group, consumer, lease, '0-0', 'COUNT', max)
-  for _, e in ipairs(claimed[2]) do
-    if e[2] then
-      out[#out + 1] = e[1]
-      out[#out + 1] = e[2]
-    end
-  end
-  local room = max - #out / 2
-  if room > 0 then
-    local read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', room, 'STREAMS', STREAM, '>')
-    if read then
-      for _, e in ipairs(read[1][2]) do
+  local function hand_out(entries)
+    for _, e in ipairs(entries) do
+      if e[2] then
         out[#out + 1] = e[1]
         out[#out + 1] = e[2]
+      else
+        -- Pending but no longer in the stream (erased): nothing to deliver.
+        redis.call('XACK', STREAM, group, e[1])
       end
     end
+  end
+  if ARGV[7] == '1' then
+    local own = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', max, 'STREAMS', STREAM, '0')
+    if own then hand_out(own[1][2]) end
+  end
+  -- Entries whose consumer held them past the lease (it died, or hangs): taken over, oldest first.
+  local room = max - #out / 2
+  if room > 0 then
+    hand_out(redis.call('XAUTOCLAIM', STREAM, group, consumer, lease, '0-0', 'COUNT', room)[2])
+  end
+  room = max - #out / 2
+  if room > 0 then
+    local read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', room, 'STREAMS', STREAM, '>')
+    if read then hand_out(read[1][2]) end
   end
   return out
 end
