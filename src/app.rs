@@ -60,13 +60,13 @@ impl Application {
 
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let consumer = format!("kabao-{}-{:08x}", std::process::id(), rand::random::<u32>());
+        let listener = TcpListener::bind(&config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+        let local_addr = listener.local_addr().context("reading the bound address")?;
+
+        let consumer = consumer_name(local_addr);
         let dispatch = DispatchConfig::from_push(&config.push);
         let dispatcher = Dispatcher::new(store, providers, dispatch, consumer);
         tasks.spawn(dispatcher.run(engine.issued_notify(), shutdown.clone()));
-
-        let listener = TcpListener::bind(&config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-        let local_addr = listener.local_addr().context("reading the bound address")?;
         let router = router(AppState::new(engine.clone(), &config));
         Ok(Self {
             listener,
@@ -216,4 +216,18 @@ pub async fn demo(args: crate::demo::DemoArgs) -> anyhow::Result<()> {
     stop.cancel();
     running.await.context("server task")??;
     result
+}
+
+/// The dispatcher's name in the outbox: `kabao-<host>-<listen address>`. No two live processes
+/// share it (one listener per address and host), and a node restarted on its address takes the
+/// same name, so it takes back at once what its previous process left unfinished instead of
+/// waiting for the lease to run out (the Redis store, see its outbox docs).
+fn consumer_name(listen: std::net::SocketAddr) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("kabao-{host}-{listen}")
 }

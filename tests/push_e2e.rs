@@ -1,5 +1,5 @@
 //! Push delivery end to end: the real server (in-process on `127.0.0.1:0`, over a
-//! `MemoryStore`) pointed at `kabao fake-push` (in-process on port 0, real TLS, HTTP/2 for
+//! `MemoryStore`, or a `RedisStore` on the tests' own `redis-server`) pointed at `kabao fake-push` (in-process on port 0, real TLS, HTTP/2 for
 //! APNs). A ping issues a coupon; what the fake receives, the campaign's `pushes` stats, the
 //! devices and the dead letters are then read through kabao's API, as an operator would.
 //!
@@ -96,11 +96,19 @@ impl Harness {
         Self::nodes(1, tune).await
     }
 
-    /// `n` nodes sharing one store (and so one outbox), all pointed at one fake.
+    /// `n` nodes sharing one memory store (and so one outbox), all pointed at one fake.
     async fn nodes(n: usize, tune: impl Fn(&mut Config)) -> Self {
         let fake = Arc::new(fakepush::start(FakePushConfig::for_tests(scratch_dir())).await.unwrap());
         let outbox_closed = Arc::new(AtomicBool::new(false));
-        let store = gated_store(outbox_closed.clone());
+        let store = gated_store(Arc::new(MemoryStore::new()), outbox_closed.clone());
+        Self::over(fake, vec![store; n], outbox_closed, tune).await
+    }
+
+    /// `n` nodes sharing `store` (its outbox gated as [`gated_store`] says), all pointed at one fake.
+    async fn nodes_over(store: Arc<dyn Store>, n: usize, tune: impl Fn(&mut Config)) -> Self {
+        let fake = Arc::new(fakepush::start(FakePushConfig::for_tests(scratch_dir())).await.unwrap());
+        let outbox_closed = Arc::new(AtomicBool::new(false));
+        let store = gated_store(store, outbox_closed.clone());
         Self::over(fake, vec![store; n], outbox_closed, tune).await
     }
 
@@ -465,6 +473,20 @@ async fn a_device_deleted_between_issue_and_delivery_gets_nothing() {
 #[tokio::test]
 async fn two_nodes_sharing_an_outbox_never_resend_what_a_provider_accepted() {
     let h = Harness::nodes(2, |c| c.push.concurrency_per_provider = 8).await;
+    every_push_accepted_exactly_once(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_redis_stream_never_resend_what_a_provider_accepted() {
+    let redis = RedisServer::start();
+    let store = Arc::new(RedisStore::connect(&redis.url()).await.expect("redis"));
+    let h = Harness::nodes_over(store, 2, |c| c.push.concurrency_per_provider = 8).await;
+    every_push_accepted_exactly_once(&h).await;
+}
+
+/// 40 users with two FCM devices each, a coupon each, faults along the way: every push is
+/// accepted by the provider exactly once, whichever node's dispatcher took it.
+async fn every_push_accepted_exactly_once(h: &Harness) {
     h.campaign("c1").await;
     // FCM only, to count accepted pushes per (coupon, device) under FCM's faults; nodes sharing
     // an APNs key are `two_nodes_on_one_redis_with_one_apns_key_send_one_provider_token`.
@@ -603,9 +625,9 @@ fn node_store(connection: Arc<dyn Store>, closed: Arc<AtomicBool>, finished: Arc
     }))
 }
 
-/// A memory store whose outbox can be closed: while `closed` is set, `outbox_take` fails (the
+/// `store` with an outbox that can be closed: while `closed` is set, `outbox_take` fails (the
 /// dispatcher then finds nothing, as if every entry were leased elsewhere, and polls again), so a
 /// test can change the world between issue and delivery. Everything else goes straight through.
-fn gated_store(closed: Arc<AtomicBool>) -> Arc<dyn Store> {
-    node_store(Arc::new(MemoryStore::new()), closed, Arc::new(AtomicU32::new(0)))
+fn gated_store(store: Arc<dyn Store>, closed: Arc<AtomicBool>) -> Arc<dyn Store> {
+    node_store(store, closed, Arc::new(AtomicU32::new(0)))
 }

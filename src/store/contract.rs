@@ -488,7 +488,12 @@ fn device_token(token: &str, platform: Platform) -> Device {
 /// most `max` per take; a taken entry is leased (not handed out again before the lease runs out,
 /// then handed out to anyone: at least once); finished entries never come back; retries are due
 /// at their time; no device, no entry; refused candidates queue nothing.
+///
+/// Leases run on the store's clock (a Redis consumer group's idle time), so this section takes
+/// with the wall clock and waits for a short lease to lapse; retries are due by the caller's
+/// `now_ms`, so those are checked with times far ahead.
 pub async fn outbox(store: &Arc<dyn Store>) {
+    const LEASE_MS: i64 = 300;
     drain_outbox(store).await;
     let user = uid("ob-u");
     let (d1, d2) = (DeviceId::parse("d", "ob-d1").unwrap(), DeviceId::parse("d", "ob-d2").unwrap());
@@ -505,35 +510,42 @@ pub async fn outbox(store: &Arc<dyn Store>) {
     assert_eq!(issue_one(store, candidate("ob-a", "ob-u", T, Caps::default())).await, IssueOutcome::Duplicate);
     assert_eq!(store.outbox_len().await.unwrap(), 4, "two coupons × two devices");
 
-    let first = store.outbox_take("c1", 3, 1_000, 5_000).await.unwrap();
+    let now = crate::engine::now_ms;
+    let first = store.outbox_take("c1", 3, now(), LEASE_MS).await.unwrap();
     assert_eq!(first.len(), 3);
     let pushed: Vec<(&IssuedCoupon, &str)> = first.iter().map(|e| (&e.coupon, e.device.token.as_str())).collect();
     assert_eq!(&pushed[..2], [(&coupons[0], "tok-1"), (&coupons[0], "tok-2")], "oldest first, every device");
     assert!(first.iter().all(|e| e.attempts == 0));
-    let rest = store.outbox_take("c2", 10, 1_000, 5_000).await.unwrap();
+    let rest = store.outbox_take("c2", 10, now(), LEASE_MS).await.unwrap();
     assert_eq!(rest.len(), 1, "leased entries are not handed to another consumer");
-    assert!(store.outbox_take("c2", 10, 5_999, 5_000).await.unwrap().is_empty(), "not before the lease ends");
+    assert!(store.outbox_take("c2", 10, now(), LEASE_MS).await.unwrap().is_empty(), "not before the lease ends");
 
     store.outbox_finish(&first[0], PushFinal::Delivered, 2_000).await.unwrap();
-    let again = store.outbox_take("c2", 10, 6_001, 5_000).await.unwrap();
+    // What is tested here is the lease running out: nothing to wait for but time.
+    tokio::time::sleep(std::time::Duration::from_millis(LEASE_MS as u64 + 50)).await;
+    let again = store.outbox_take("c2", 10, now(), LEASE_MS).await.unwrap();
     assert_eq!(again.len(), 3, "a lapsed lease hands entries out again (at least once)");
-    assert!(!again.iter().any(|e| e.id == first[0].id), "a finished entry never comes back");
+    let key = |e: &OutboxEntry| (e.coupon.coupon_id.clone(), e.device_id.clone());
+    assert!(!again.iter().any(|e| key(e) == key(&first[0])), "a finished entry never comes back");
 
-    // A retry is due at its time, with its attempts.
+    // A retry is due at its time, with its attempts (under a handle of its own, maybe new).
     let retried = &again[0];
-    store.outbox_retry(retried, 1, 20_000).await.unwrap();
+    let due_at = now() + HOUR;
+    store.outbox_retry(retried, 1, due_at).await.unwrap();
     for e in &again[1..] {
         store.outbox_finish(e, PushFinal::Delivered, 7_000).await.unwrap();
     }
-    assert!(store.outbox_take("c3", 10, 19_999, 5_000).await.unwrap().is_empty());
-    let due = store.outbox_take("c3", 10, 20_000, 5_000).await.unwrap();
+    assert_eq!(store.outbox_len().await.unwrap(), 1, "the retry still waits");
+    assert!(store.outbox_take("c3", 10, due_at - 1, LEASE_MS).await.unwrap().is_empty());
+    let due = store.outbox_take("c3", 10, due_at, LEASE_MS).await.unwrap();
     assert_eq!(due.len(), 1);
-    assert_eq!((due[0].id.as_str(), due[0].attempts), (retried.id.as_str(), 1));
+    assert_eq!((key(&due[0]), due[0].attempts), (key(retried), 1));
     let stats = store.campaign_stats(&cid("ob-a")).await.unwrap().pushes;
     assert_eq!((stats.delivered, stats.retrying), (3, 1));
 
     store.outbox_finish(&due[0], PushFinal::Delivered, 21_000).await.unwrap();
     store.outbox_finish(&due[0], PushFinal::Delivered, 21_000).await.unwrap();
+    store.outbox_finish(retried, PushFinal::Delivered, 21_000).await.unwrap();
     let stats = store.campaign_stats(&cid("ob-a")).await.unwrap().pushes;
     assert_eq!((stats.delivered, stats.retrying), (4, 0), "finishing twice counts once");
     assert_eq!(store.outbox_len().await.unwrap(), 0);

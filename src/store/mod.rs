@@ -264,7 +264,9 @@ pub enum UserCommitResult {
 /// same atomic step that issued the coupon.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutboxEntry {
-    /// The store's handle for the entry (a sequence number, a stream id): opaque to callers.
+    /// The store's handle for this delivery of the entry (a sequence number, a stream id): opaque
+    /// to callers. A retried push may come back under a new handle; a finish or retry under a
+    /// handle that was finished (or retried) before does nothing.
     pub id: String,
     /// The coupon to push.
     pub coupon: IssuedCoupon,
@@ -439,7 +441,11 @@ pub trait IssueStore: Send + Sync + 'static {
 pub trait OutboxStore: Send + Sync + 'static {
     /// Up to `max` pushes due at server time `now_ms`, oldest first, leased to `consumer` for
     /// `lease_ms`: no other consumer is handed them before the lease runs out (a consumer that
-    /// died leaves its entries to be taken over then).
+    /// died leaves its entries to be taken over then). The lease runs on the store's clock where
+    /// the store has one shared by every node (Redis: the consumer group's idle time), on `now_ms`
+    /// otherwise; callers pass the wall clock. Retries are due by `now_ms`. A store that outlives
+    /// its consumers may hand a consumer's first take in a process what a dead process of the
+    /// same name left leased, at once.
     async fn outbox_take(
         &self,
         consumer: &str,

@@ -9,15 +9,14 @@
 //! device and the new trigger states. Reading a request's trigger states is one pipelined round
 //! trip too.
 //!
-//! **Keys** are hash-tagged by user (`kabao:{u:<id>}:…`) and campaign (`kabao:{c:<id>}:…`); the
-//! layout is in the README ("Redis key layout"). The scripts run against a single Redis (or a
-//! primary with replicas), where one script may touch keys of several slots: that is the choice
-//! made here, because it makes a request's commit one round trip and `total_max` exact without a
-//! reservation protocol. Moving to Redis Cluster keeps every key and splits the commit script into
-//! a per-user script (the `{u:…}` keys) preceded by a `total_max` reservation in the campaign's
-//! slot (`{c:…}:stats`, INCR-if-below, released when the user's step refuses), as DESIGN.md says;
-//! the few global keys (the campaign index and change log, the outbox, the coupon-owner index) are
-//! written by idempotent steps of their own there.
+//! **Keys** are hash-tagged by user (`kabao:{u:<id>}:…`), campaign (`kabao:{c:<id>}:…`) and
+//! outbox (`kabao:{outbox}:…`); the layout is in the README ("Redis key layout"). The outbox's
+//! steps each stay in the `{outbox}` slot. The commit, redeem and erase scripts still touch several
+//! slots (user, campaign counters, the global coupon-owner index, the outbox stream): that works on
+//! one Redis (or a primary with replicas), where it makes a request's commit one round trip and
+//! `total_max` exact without a reservation protocol. What Redis Cluster still needs — a `total_max`
+//! reservation per campaign before the per-user steps, released when a step refuses, and a relay
+//! for the outbox write — is written out in the README, step by step.
 //!
 //! **Identity.** The key `kabao:identity` holds a random id written on first use. A node remembers
 //! it at connect; every commit and redemption script checks it, and the campaign-change poll (every
@@ -32,10 +31,18 @@
 //! itself. A script either ran whole or not at all; a call that timed out may have run (then an
 //! identical retry changes nothing more: coupon ids are derived and the trigger state is versioned).
 //!
-//! **The outbox** is a hash of entries by zero-padded sequence number with a sorted set of due
-//! times: the contract leases entries by the caller's clock (`now_ms`, `lease_ms`), which a
-//! stream's consumer group (idle times on the server's clock) cannot express; taking is one script,
-//! so two nodes' dispatchers never hold the same entry at once.
+//! **The outbox** is a Redis Stream (`kabao:{outbox}:stream`), one entry per push (one coupon to
+//! one device: the unit a provider answers for, retried and acknowledged alone), XADDed by the
+//! commit script in the same atomic step as the coupon. Every node's dispatcher reads it in one
+//! consumer group (`dispatch`) under its own consumer name: `XREADGROUP` hands an entry to one
+//! consumer; `XACK` (with `XDEL`) comes only with a final outcome; entries a consumer held longer
+//! than the lease (it died, or hangs) are taken over with `XAUTOCLAIM`. A retry leaves the stream
+//! for a sorted set of due times and is moved back as a new entry, by the take script, once due.
+//! A consumer's first take in a process also re-reads its own pending entries (`XREADGROUP … 0`):
+//! a node restarted on its address has its predecessor's name (`app::consumer_name`), so it
+//! delivers what that process left unfinished at once, not after the lease.
+//! Every outbox key carries the one global tag `{outbox}`, so each outbox step is one script in
+//! one slot (`outbox.lua`); push counters live there too, per campaign incarnation.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -64,6 +71,16 @@ const LOGGED_DOC_MAX_BYTES: usize = 1 << 20;
 const DEAD_LETTERS_KEPT: usize = 10_000;
 /// The identity key.
 const IDENTITY_KEY: &str = "kabao:identity";
+/// The outbox stream: one entry per push waiting (see `outbox.lua`).
+const OUTBOX_STREAM: &str = "kabao:{outbox}:stream";
+/// The one consumer group every node's dispatcher reads the outbox stream in.
+const OUTBOX_GROUP: &str = "dispatch";
+/// Pushes waiting for a retry: handle by due time.
+const OUTBOX_DUE: &str = "kabao:{outbox}:due";
+/// Pushes waiting for a retry: handle → their stream fields.
+const OUTBOX_DELAYED: &str = "kabao:{outbox}:delayed";
+/// Given-up pushes, newest first.
+const DEAD_LETTERS: &str = "kabao:{outbox}:dead_letters";
 
 /// The Redis [`Store`]. Cheap to clone; clones share the connection and the identity.
 #[derive(Clone)]
@@ -87,6 +104,8 @@ struct Inner {
     /// Set when the store's data may have been replaced under this node (it was lost and came
     /// back, or was adopted): the next change poll answers "reload everything".
     reload: AtomicBool,
+    /// The outbox consumer names that have taken through this process (see `outbox_take`).
+    outbox_consumers: Mutex<std::collections::HashSet<String>>,
     /// The change poll answered "reload everything" after a loss: the next `all_campaigns` is
     /// let through and, once it answered, the store serves again.
     recovering: AtomicBool,
@@ -99,6 +118,7 @@ struct Scripts {
     redeem: Script,
     outbox: Script,
     erase_user: Script,
+    remove_dead_device: Script,
     identity: Script,
     revision_floor: Script,
 }
@@ -112,6 +132,7 @@ impl Scripts {
             redeem: Script::new(include_str!("redis/redeem.lua")),
             outbox: Script::new(include_str!("redis/outbox.lua")),
             erase_user: Script::new(include_str!("redis/erase_user.lua")),
+            remove_dead_device: Script::new(REMOVE_DEAD_DEVICE_SCRIPT),
             identity: Script::new(IDENTITY_SCRIPT),
             revision_floor: Script::new(REVISION_FLOOR_SCRIPT),
         }
@@ -128,6 +149,14 @@ if ARGV[1] == 'adopt' or redis.call('EXISTS', key) == 0 then
   if ARGV[1] == 'adopt' then redis.call('HSET', key, 'adopted', '1') end
 end
 return redis.call('HMGET', key, 'id', 'adopted')
+"#;
+
+/// Removes device ARGV[1] from the devices hash KEYS[1] if it still has token ARGV[2] (a device
+/// registered again with a new token stays).
+const REMOVE_DEAD_DEVICE_SCRIPT: &str = r#"
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current and cjson.decode(current).token == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
 "#;
 
 /// Raises the campaign revision to at least ARGV[1]; answers the revision.
@@ -189,6 +218,7 @@ impl RedisStore {
                 max_revision: AtomicU64::new(0),
                 reload: AtomicBool::new(false),
                 recovering: AtomicBool::new(false),
+                outbox_consumers: Mutex::default(),
             }),
         }
     }
@@ -332,14 +362,43 @@ impl RedisStore {
         self.run(invocation.invoke_async(&mut self.conn())).await
     }
 
-    async fn outbox_call(&self, args: Vec<String>) -> Result<Value, StoreError> {
-        self.guard()?;
+    /// One step of `outbox.lua` over the outbox's keys (all in the `{outbox}` slot).
+    fn outbox_step(&self, args: &[&str]) -> redis::ScriptInvocation<'_> {
         let mut invocation = self.inner.scripts.outbox.prepare_invoke();
-        for a in &args {
-            invocation.arg(a.as_str());
+        invocation.key(OUTBOX_STREAM).key(OUTBOX_DUE).key(OUTBOX_DELAYED).key(DEAD_LETTERS);
+        invocation.arg(args[0]).arg(OUTBOX_GROUP);
+        for a in &args[1..] {
+            invocation.arg(*a);
         }
-        self.run(invocation.invoke_async(&mut self.conn())).await
+        invocation
     }
+}
+
+/// The push that an outbox stream entry (`handle`, its flat field list) carries.
+fn decode_push(handle: String, fields: &Value) -> Result<OutboxEntry, StoreError> {
+    let flat = match fields {
+        Value::Array(flat) => flat,
+        _ => return Err(corrupt("outbox fields")),
+    };
+    let (mut push, mut attempts) = (None, 0);
+    for pair in flat.chunks(2) {
+        match (pair.first().and_then(bytes_of), pair.get(1)) {
+            (Some(b"e"), Some(value)) => push = bytes_of(value),
+            (Some(b"a"), Some(value)) => attempts = int_of(value).unwrap_or(0).max(0) as u32,
+            _ => {}
+        }
+    }
+    let push: QueuedPush =
+        serde_json::from_slice(push.ok_or_else(|| corrupt("outbox push"))?).map_err(|_| corrupt("outbox push JSON"))?;
+    Ok(OutboxEntry { id: handle, coupon: push.coupon, device_id: push.device_id, device: push.device, attempts })
+}
+
+/// An outbox entry's `e` field (written by `commit.lua`).
+#[derive(serde::Deserialize)]
+struct QueuedPush {
+    coupon: IssuedCoupon,
+    device_id: DeviceId,
+    device: Device,
 }
 
 fn user_key(user: &UserId, what: &str) -> String {
@@ -595,13 +654,26 @@ impl CampaignStore for RedisStore {
     async fn campaign_stats(&self, id: &CampaignId) -> Result<CampaignStats, StoreError> {
         self.guard()?;
         let cmd = redis::cmd("HGETALL").arg(campaign_key(id, "stats")).to_owned();
-        let fields: Vec<(String, i64)> = self.run(cmd.query_async(&mut self.conn())).await?;
+        let fields: Vec<(String, String)> = self.run(cmd.query_async(&mut self.conn())).await?;
         let mut stats = CampaignStats::default();
+        let mut incarnation = None;
+        for (name, value) in fields {
+            let count = || value.parse::<i64>().unwrap_or(0).max(0) as u64;
+            match name.as_str() {
+                "inc" => incarnation = Some(value.clone()),
+                "issued" => stats.issued = count(),
+                "redeemed" => stats.redeemed = count(),
+                _ => {}
+            }
+        }
+        // Push outcomes are counted where the outbox lives (outbox.lua), per incarnation.
+        let Some(incarnation) = incarnation else { return Ok(stats) };
+        let key = format!("kabao:{{outbox}}:pushes:{}:{incarnation}", id.as_str());
+        let cmd = redis::cmd("HGETALL").arg(key).to_owned();
+        let fields: Vec<(String, i64)> = self.run(cmd.query_async(&mut self.conn())).await?;
         for (name, value) in fields {
             let value = value.max(0) as u64;
             match name.as_str() {
-                "issued" => stats.issued = value,
-                "redeemed" => stats.redeemed = value,
                 "delivered" => stats.pushes.delivered = value,
                 "retrying" => stats.pushes.retrying = value,
                 "failed" => stats.pushes.failed = value,
@@ -657,7 +729,11 @@ impl DeviceStore for RedisStore {
         self.guard()?;
         let mut invocation = self.inner.scripts.erase_user.prepare_invoke();
         invocation.arg(user.as_str());
-        self.run(invocation.invoke_async::<()>(&mut self.conn())).await
+        self.run(invocation.invoke_async::<()>(&mut self.conn())).await?;
+        // Then its pending pushes and dead letters, in the outbox's slot. A crash in between
+        // leaves pushes whose devices are gone: the dispatcher drops them, and a retried erasure
+        // removes them.
+        self.run(self.outbox_step(&["erase", user.as_str()]).invoke_async::<()>(&mut self.conn())).await
     }
 }
 
@@ -814,41 +890,41 @@ impl IssueStore for RedisStore {
 impl OutboxStore for RedisStore {
     async fn outbox_take(
         &self,
-        _consumer: &str,
+        consumer: &str,
         max: usize,
         now_ms: i64,
         lease_ms: i64,
     ) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.guard()?;
         if max == 0 {
             return Ok(Vec::new());
         }
-        let reply =
-            self.outbox_call(vec!["take".into(), now_ms.to_string(), lease_ms.to_string(), max.to_string()]).await?;
+        // A consumer's first take in this process also takes back what a dead process of the
+        // same name (a node restarted on its address) left pending.
+        let first = !self.inner.outbox_consumers.lock().contains(consumer);
+        let (now, lease, max_text) = (now_ms.to_string(), lease_ms.max(0).to_string(), max.to_string());
+        let step = ["take", consumer, &now, &lease, &max_text, if first { "1" } else { "0" }];
+        let reply = self.run(self.outbox_step(&step).invoke_async(&mut self.conn())).await?;
+        if first {
+            self.inner.outbox_consumers.lock().insert(consumer.to_owned());
+        }
         array_of(reply)?
             .chunks(2)
             .map(|pair| {
-                let [entry, attempts] = pair else { return Err(corrupt("outbox pair")) };
-                let mut entry: OutboxEntry =
-                    serde_json::from_slice(bytes_of(entry).ok_or_else(|| corrupt("outbox entry"))?)
-                        .map_err(|_| corrupt("outbox entry JSON"))?;
-                entry.attempts = int_of(attempts).unwrap_or(0).max(0) as u32;
-                Ok(entry)
+                let [handle, fields] = pair else { return Err(corrupt("outbox pair")) };
+                decode_push(string_of(handle).ok_or_else(|| corrupt("outbox handle"))?, fields)
             })
             .collect()
     }
 
     async fn outbox_retry(&self, entry: &OutboxEntry, attempts: u32, not_before_ms: i64) -> Result<(), StoreError> {
-        let args = vec![
-            "retry".into(),
-            entry.id.clone(),
-            attempts.to_string(),
-            not_before_ms.to_string(),
-            entry.coupon.campaign_id.as_str().into(),
-        ];
-        self.outbox_call(args).await.map(drop)
+        self.guard()?;
+        let step = ["retry", &entry.id, &attempts.to_string(), &not_before_ms.to_string()];
+        self.run(self.outbox_step(&step).invoke_async::<i64>(&mut self.conn())).await.map(drop)
     }
 
     async fn outbox_finish(&self, entry: &OutboxEntry, outcome: PushFinal, now_ms: i64) -> Result<(), StoreError> {
+        self.guard()?;
         let (label, letter) = match outcome {
             PushFinal::Delivered => ("delivered", String::new()),
             PushFinal::DeadToken => ("dead_token", String::new()),
@@ -857,24 +933,24 @@ impl OutboxStore for RedisStore {
                 ("failed", json(&DeadLetter { entry: entry.clone(), reason, at_ms: now_ms })?)
             }
         };
-        let args = vec![
-            "finish".into(),
-            entry.id.clone(),
-            entry.coupon.campaign_id.as_str().into(),
-            label.into(),
-            entry.coupon.user_id.as_str().into(),
-            entry.device_id.as_str().into(),
-            entry.device.token.clone(),
-            letter,
-            DEAD_LETTERS_KEPT.to_string(),
-        ];
-        self.outbox_call(args).await.map(drop)
+        if label == "dead_token" {
+            // The device goes (in its user's slot) before the push is acknowledged (in the
+            // outbox's): a crash in between redelivers the push, which then finds the device gone
+            // and is dropped. Dead tokens are rare: two round trips here cost nothing that counts.
+            let mut remove = self.inner.scripts.remove_dead_device.key(user_key(&entry.coupon.user_id, "devices"));
+            remove.arg(entry.device_id.as_str()).arg(entry.device.token.as_str());
+            self.run(remove.invoke_async::<i64>(&mut self.conn())).await?;
+        }
+        let finish = self.outbox_step(&["finish", &entry.id, label, &letter, &DEAD_LETTERS_KEPT.to_string()]);
+        self.run(finish.invoke_async::<i64>(&mut self.conn())).await.map(drop)
     }
 
     async fn outbox_len(&self) -> Result<u64, StoreError> {
         self.guard()?;
-        let cmd = redis::cmd("ZCARD").arg("kabao:outbox:due").to_owned();
-        self.run(cmd.query_async(&mut self.conn())).await
+        let mut pipe = redis::pipe();
+        pipe.cmd("XLEN").arg(OUTBOX_STREAM).cmd("ZCARD").arg(OUTBOX_DUE);
+        let (fresh, delayed): (u64, u64) = self.run(pipe.query_async(&mut self.conn())).await?;
+        Ok(fresh + delayed)
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
@@ -882,7 +958,7 @@ impl OutboxStore for RedisStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let cmd = redis::cmd("LRANGE").arg("kabao:dead_letters").arg(0).arg(limit as i64 - 1).to_owned();
+        let cmd = redis::cmd("LRANGE").arg(DEAD_LETTERS).arg(0).arg(limit as i64 - 1).to_owned();
         let raw: Vec<Vec<u8>> = self.run(cmd.query_async(&mut self.conn())).await?;
         raw.iter().map(|r| serde_json::from_slice(r).map_err(|_| corrupt("dead letter JSON"))).collect()
     }
@@ -954,6 +1030,85 @@ mod tests {
     }
 
     crate::store_contract_tests!(open_for_contract);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_outbox_is_a_stream_read_in_one_group_and_a_dead_consumers_pushes_are_taken_over() {
+        use crate::domain::{Caps, DeviceId, UserId};
+        use crate::store::contract::{candidate, issue_one};
+        use crate::store::{Device, IssueOutcome, Platform, PushFinal};
+        let server = RedisServer::start();
+        let redis = RedisStore::connect(&server.url()).await.expect("connect");
+        let store: Arc<dyn Store> = Arc::new(redis.clone());
+        let user = UserId::parse("u", "sx-u").unwrap();
+        for (device, token) in [("sx-d1", "t1"), ("sx-d2", "t2")] {
+            let device_id = DeviceId::parse("d", device).unwrap();
+            let value = Device { platform: Platform::Fcm, token: token.into(), tags: Vec::new(), locale: None };
+            store.put_device(&user, &device_id, value).await.unwrap();
+        }
+        assert_eq!(issue_one(&store, candidate("sx-a", "sx-u", 1_000, Caps::default())).await, IssueOutcome::Issued);
+        let mut conn = redis.conn();
+        let queued: u64 = redis::cmd("XLEN").arg(super::OUTBOX_STREAM).query_async(&mut conn).await.unwrap();
+        assert_eq!(queued, 2, "one stream entry per device, written with the coupon");
+
+        let now = crate::engine::now_ms;
+        let dead = store.outbox_take("node-dead", 10, now(), 200).await.unwrap();
+        assert_eq!(dead.len(), 2);
+        let pending = |conn: &mut redis::aio::ConnectionManager| {
+            let cmd = redis::cmd("XPENDING").arg(super::OUTBOX_STREAM).arg(super::OUTBOX_GROUP).to_owned();
+            let mut conn = conn.clone();
+            async move { cmd.query_async::<redis::streams::StreamPendingReply>(&mut conn).await.unwrap() }
+        };
+        let redis::streams::StreamPendingReply::Data(held) = pending(&mut conn).await else { panic!("none pending") };
+        let holders: Vec<(String, usize)> = held.consumers.iter().map(|c| (c.name.clone(), c.pending)).collect();
+        assert_eq!((held.count, holders), (2, vec![("node-dead".into(), 2)]), "pending in the group");
+        assert!(store.outbox_take("node-live", 10, now(), 200).await.unwrap().is_empty(), "leased");
+        // The consumer that took them dies; once the lease has lapsed (nothing to wait for but
+        // time), another takes them over.
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let taken_over = store.outbox_take("node-live", 10, now(), 200).await.unwrap();
+        assert_eq!(taken_over.len(), 2);
+        store.outbox_retry(&taken_over[0], 1, now()).await.unwrap();
+        store.outbox_finish(&taken_over[1], PushFinal::Delivered, now()).await.unwrap();
+        // The dead consumer's late acknowledgement counts nothing more.
+        store.outbox_finish(&dead[1], PushFinal::Delivered, now()).await.unwrap();
+        let retried = store.outbox_take("node-live", 10, now(), 60_000).await.unwrap();
+        assert_eq!((retried.len(), retried[0].attempts), (1, 1), "a due retry comes back with its attempts");
+        assert_ne!(retried[0].id, taken_over[0].id, "as a new stream entry");
+        store.outbox_finish(&retried[0], PushFinal::Delivered, now()).await.unwrap();
+        let stats = store.campaign_stats(&crate::domain::CampaignId::parse("c", "sx-a").unwrap()).await.unwrap();
+        assert_eq!((stats.pushes.delivered, stats.pushes.retrying), (2, 0));
+        assert_eq!(store.outbox_len().await.unwrap(), 0);
+        assert_eq!(pending(&mut conn).await.count(), 0, "everything acknowledged");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_process_restarted_under_its_consumer_name_takes_back_its_pushes_at_once() {
+        use crate::domain::{Caps, DeviceId, UserId};
+        use crate::store::contract::{candidate, issue_one};
+        use crate::store::{Device, IssueOutcome, Platform};
+        let server = RedisServer::start();
+        let before = store(&server).await;
+        let user = UserId::parse("u", "rs-u").unwrap();
+        let device = Device { platform: Platform::Fcm, token: "t".into(), tags: Vec::new(), locale: None };
+        before.put_device(&user, &DeviceId::parse("d", "rs-d").unwrap(), device).await.unwrap();
+        assert_eq!(issue_one(&before, candidate("rs-a", "rs-u", 1_000, Caps::default())).await, IssueOutcome::Issued);
+        let now = crate::engine::now_ms;
+        let lease = 60_000;
+        let taken = before.outbox_take("kabao-h-127.0.0.1:9", 10, now(), lease).await.unwrap();
+        assert_eq!(taken.len(), 1);
+        assert!(before.outbox_take("kabao-h-127.0.0.1:9", 10, now(), lease).await.unwrap().is_empty(), "in flight");
+
+        // The process dies with the push in flight; the node restarts on its address.
+        let after = store(&server).await;
+        assert!(after.outbox_take("another-node", 10, now(), lease).await.unwrap().is_empty(), "still leased");
+        let back = after.outbox_take("kabao-h-127.0.0.1:9", 10, now(), lease).await.unwrap();
+        assert_eq!(
+            back.iter().map(|e| &e.coupon).collect::<Vec<_>>(),
+            [&taken[0].coupon],
+            "at once, not after the lease"
+        );
+        assert!(after.outbox_take("kabao-h-127.0.0.1:9", 10, now(), lease).await.unwrap().is_empty(), "once");
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_redis_that_does_not_answer_is_unavailable_not_a_hang() {

@@ -9,6 +9,7 @@ local P = 'kabao:'
 local function uk(u, s) return P .. '{u:' .. u .. '}:' .. s end
 local function ck(c, s) return P .. '{c:' .. c .. '}:' .. s end
 local DAY_MS = 86400000
+local OUTBOX = P .. '{outbox}:stream'
 
 if redis.call('HGET', P .. 'identity', 'id') ~= ARGV[1] then
   return redis.error_reply('KABAO_LOST the store identity is missing or different')
@@ -111,13 +112,11 @@ local function record(u, r, k)
   redis.call('ZADD', uk(u, 'wallet'), string.format('%d', r.ts), k.id)
   redis.call('HSET', uk(u, 'coupons'), k.id, inc .. '||' .. k.cp)
   redis.call('HSET', P .. 'coupon_owner', k.id, u)
+  -- One push per device, into the outbox stream (fields: outbox.lua).
   for _, d in ipairs(devices(u)) do
-    local id = string.format('%016d', redis.call('INCR', P .. 'outbox:seq'))
-    local entry = '{"id":"' .. id .. '","coupon":' .. k.cp .. ',"device_id":' .. cjson.encode(d.id)
-      .. ',"device":' .. d.json .. ',"attempts":0}'
-    redis.call('HSET', P .. 'outbox:entries', id, entry)
-    redis.call('ZADD', P .. 'outbox:due', 0, id)
-    redis.call('SADD', uk(u, 'outbox'), id)
+    local push = '{"coupon":' .. k.cp .. ',"device_id":' .. cjson.encode(d.id) .. ',"device":' .. d.json .. '}'
+    local handle = redis.call('XADD', OUTBOX, '*', 'e', push, 'a', '0', 'u', u, 'c', k.c, 'i', inc)
+    redis.call('SADD', P .. '{outbox}:u:' .. u, handle)
   end
 end
 
