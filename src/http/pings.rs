@@ -15,7 +15,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, ErrorObject};
 use super::schemas::PingsRequest;
 use super::{body_bytes, AppState};
-use crate::domain::error::classify;
+use crate::domain::error::{classify, objects_only};
 use crate::domain::{InputError, Ping, PingClock, PingInput};
 use crate::engine::now_ms;
 use crate::store::IssuedCoupon;
@@ -132,12 +132,7 @@ struct InvalidItem {
 }
 
 fn parse_item(json: &str, clock: PingClock) -> Result<Ping, InvalidItem> {
-    // serde reads a struct from a JSON array too (`[user_id, lat, lon, …]` in member order);
-    // API.md's ping is an object, and only an object.
-    if !json.trim_start().starts_with('{') {
-        let error = InputError::Malformed { message: "a ping must be a JSON object".into(), field: None };
-        return Err(InvalidItem { error, named_user: None });
-    }
+    // `PingInput` is an object only (`objects_only!`): an array item is a wrong type, 400.
     let parsed = (|| {
         let mut de = serde_json::Deserializer::from_str(json);
         let input: PingInput = serde_path_to_error::deserialize(&mut de).map_err(classify)?;
@@ -147,9 +142,12 @@ fn parse_item(json: &str, clock: PingClock) -> Result<Ping, InvalidItem> {
     parsed.map_err(|error| {
         /// Only `user_id`, whatever else the item holds (other members are ignored).
         #[derive(Deserialize)]
+        #[serde(remote = "Self")]
         struct NamedUser {
             user_id: Option<serde_json::Value>,
         }
+        // An array item names no user (it is no ping at all).
+        objects_only!(NamedUser);
         let named_user = serde_json::from_str::<NamedUser>(json)
             .ok()
             .and_then(|item| item.user_id)

@@ -65,6 +65,52 @@ async fn pings_are_json_objects_never_arrays() {
 }
 
 #[tokio::test]
+async fn every_body_and_every_nested_member_is_an_object_never_an_array() {
+    let app = spawn().await;
+    // Each object of a campaign in turn written as the array of its members' values (what
+    // serde's derive would read as the struct), refused as a wrong type naming where it is.
+    let cases: [(&str, fn(&mut serde_json::Value)); 9] = [
+        ("merchant", |c| c["merchant"] = json!(["m-1", "Merchant One"])),
+        ("coupon", |c| c["coupon"] = json!(["title", "body", null, null, 86400])),
+        ("fences[0]", |c| c["fences"] = json!([["store-1", "circle", [LON, LAT], 150.0, null]])),
+        ("fences[1]", |c| c["fences"].as_array_mut().unwrap().push(json!(["store-2", "circle", [LON, LAT], 150.0]))),
+        ("trigger", |c| c["trigger"] = json!(["dwell", 60])),
+        ("schedule", |c| c["schedule"] = json!([0, 4102444800000i64, "UTC", null])),
+        ("schedule.hours[0]", |c| c["schedule"] = json!({"hours": [[["mon"], "08:00", "22:00"]]})),
+        ("caps", |c| c["caps"] = json!([0, 1, 100])),
+        ("audience", |c| c["audience"] = json!([["vip"]])),
+    ];
+    for (field, break_it) in cases {
+        let mut body = campaign("arrays");
+        break_it(&mut body);
+        let reply = app.post("/v1/campaigns", &body).await;
+        reply.assert_error(400, "malformed_json");
+        assert_eq!(reply.field(), Some(field), "{}", reply.text);
+        let reply = app.put("/v1/campaigns/arrays", &body).await;
+        reply.assert_error(400, "malformed_json");
+        assert_eq!(reply.field(), Some(field), "{}", reply.text);
+    }
+    let whole = json!(["arrays", "name", {"id": "m-1"}, {"title": "t"}, [circle("f", LON, LAT, 150.0)]]);
+    app.post("/v1/campaigns", &whole).await.assert_error(400, "malformed_json");
+    app.put("/v1/campaigns/arrays", &whole).await.assert_error(400, "malformed_json");
+    assert!(app.campaign_ids().await.is_empty());
+
+    // Devices and redemptions alike.
+    let device = json!(["fcm", "tok", ["vip"], "en"]);
+    app.put("/v1/users/u-1/devices/d-1", &device).await.assert_error(400, "malformed_json");
+    let device = json!({"platform": "fcm", "token": "tok", "tags": ["vip"], "locale": "en"});
+    assert_eq!(app.put("/v1/users/u-1/devices/d-1", &device).await.status, 200);
+    app.create(&campaign("c")).await;
+    let coupon = app.ping(inside("u-1", t0())).await.events()[0]["coupon_id"].as_str().unwrap().to_owned();
+    let redeem = format!("/v1/coupons/{coupon}/redeem");
+    app.post(&redeem, &json!(["m-1"])).await.assert_error(400, "malformed_json");
+    assert_eq!(app.wallet("u-1").await[0]["status"], "issued");
+    // The object forms still work.
+    let reply = app.post(&redeem, &json!({"merchant_id": "m-1"})).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+}
+
+#[tokio::test]
 async fn one_id_rule_on_every_route() {
     let app = spawn().await;
     for bad in ["a\u{0}b", "bell\u{7}", "\u{202E}evil", "x\u{2066}y", &"u".repeat(200)] {
