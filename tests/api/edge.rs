@@ -49,6 +49,29 @@ async fn oversized_heads_and_targets_carry_the_error_object() {
 }
 
 #[tokio::test]
+async fn over_h2c_every_4xx_carries_the_error_object_too() {
+    let app = spawn_with(|c| c.http.ping_body_limit_bytes = 1024).await;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let send = |request: reqwest::RequestBuilder| async move {
+        let response = request.send().await.expect("an h2c reply");
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        TestApp::reply(response).await
+    };
+    let url = |path: &str| format!("{}{path}", app.base);
+    let padded = h2.get(url("/v1/campaigns")).bearer_auth(ADMIN).header("x-padding", "p".repeat(20 * 1024));
+    send(padded).await.assert_error(431, "headers_too_large");
+    let long = h2.get(url(&format!("/v1/campaigns?after={}", "a".repeat(9 * 1024)))).bearer_auth(ADMIN);
+    send(long).await.assert_error(414, "uri_too_long");
+    send(h2.get(url("/nowhere"))).await.assert_error(404, "not_found");
+    send(h2.delete(url("/v1/pings")).bearer_auth(ADMIN)).await.assert_error(405, "method_not_allowed");
+    send(h2.get(url("/v1/campaigns"))).await.assert_error(401, "unauthorized");
+    let big = h2.post(url("/v1/pings")).bearer_auth(ADMIN).body(vec![b' '; 4096]);
+    send(big).await.assert_error(413, "payload_too_large");
+    let array = h2.post(url("/v1/pings")).bearer_auth(ADMIN).body(r#"["u", 1, 2]"#);
+    send(array).await.assert_error(400, "malformed_json");
+}
+
+#[tokio::test]
 async fn pings_are_json_objects_never_arrays() {
     let app = spawn().await;
     app.create(&campaign("c")).await;
