@@ -224,6 +224,42 @@ fn parse_body(bytes: &[u8], clock: PingClock) -> Result<Parsed, ApiError> {
     Ok(parsed)
 }
 
+/// [`crate::fuzzing::ping_body`]: what must hold for any body `parse_body` is given.
+pub(crate) fn check_parse(bytes: &[u8]) {
+    const CLOCK: PingClock = PingClock { now_ms: 1_700_000_000_000, max_age_s: 86_400 };
+    let parsed = match parse_body(bytes, CLOCK) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            let (status, code) = e.status_and_code();
+            assert!(status.is_client_error() && !code.is_empty(), "{status} {code}");
+            return;
+        }
+    };
+    let oldest = CLOCK.now_ms - CLOCK.max_age_s as i64 * 1000;
+    for (_, ping) in &parsed.valid {
+        assert!((-90.0..=90.0).contains(&ping.at.lat) && (-180.0..=180.0).contains(&ping.at.lon), "{ping:?}");
+        assert!((oldest..=CLOCK.now_ms + crate::domain::ping::MAX_FUTURE_MS).contains(&ping.ts_ms), "{ping:?}");
+        assert!(ping.accuracy_m.is_none_or(|a| a.is_finite() && a >= 0.0), "{ping:?}");
+        assert_eq!(crate::domain::UserId::parse("user_id", ping.user_id.as_str()).as_ref(), Ok(&ping.user_id));
+    }
+    let mut indexes: Vec<usize> =
+        parsed.valid.iter().map(|(i, _)| *i).chain(parsed.rejected.iter().map(|r| r.index)).collect();
+    indexes.sort_unstable();
+    assert!(indexes.iter().enumerate().all(|(k, &i)| k == i), "each item once: {indexes:?}");
+    for rejected in &parsed.rejected {
+        assert!(rejected.error.field.as_deref().is_some_and(|f| f.starts_with(&format!("pings[{}]", rejected.index))));
+    }
+    if parsed.single_error.is_some() {
+        assert!(parsed.valid.is_empty() && parsed.rejected.is_empty());
+    }
+    // A single ping reads the same through the domain type alone.
+    let single = std::str::from_utf8(bytes).ok().and_then(|text| serde_json::from_str::<Envelope<'_>>(text).ok());
+    if single.is_some_and(|e| e.pings.is_none()) && parsed.single_error.is_none() {
+        let input: PingInput = crate::domain::parse_json(bytes).expect("parse_body accepted it");
+        assert_eq!(input.validate(CLOCK).as_ref(), Ok(&parsed.valid[0].1));
+    }
+}
+
 /// Ingest location pings.
 #[utoipa::path(post, path = "/v1/pings", tag = "pings",
     request_body(content = PingsRequest, description = "One ping, or `{\"pings\": [...]}` with up to 10 000"),
