@@ -92,7 +92,8 @@ async fn every_body_and_every_nested_member_is_an_object_never_an_array() {
     let app = spawn().await;
     // Each object of a campaign in turn written as the array of its members' values (what
     // serde's derive would read as the struct), refused as a wrong type naming where it is.
-    let cases: [(&str, fn(&mut serde_json::Value)); 9] = [
+    type Break = fn(&mut serde_json::Value);
+    let cases: [(&str, Break); 9] = [
         ("merchant", |c| c["merchant"] = json!(["m-1", "Merchant One"])),
         ("coupon", |c| c["coupon"] = json!(["title", "body", null, null, 86400])),
         ("fences[0]", |c| c["fences"] = json!([["store-1", "circle", [LON, LAT], 150.0, null]])),
@@ -313,5 +314,10 @@ async fn openapi_publishes_request_schemas_and_the_edges_statuses() {
         }
     }
     assert!(statuses("/v1/campaigns", "get").contains(&"400".to_owned()));
+    // Path ids publish their rule, so generated requests reach the handlers, not only the 422.
+    for method in ["get", "put", "delete"] {
+        let pattern = &doc["paths"]["/v1/campaigns/{id}"][method]["parameters"][0]["schema"]["pattern"];
+        assert_eq!(pattern, "^[A-Za-z0-9_.:-]{1,64}$", "{method}");
+    }
     assert!(statuses("/v1/users/{user_id}/coupons", "get").contains(&"422".to_owned()));
 }
