@@ -48,6 +48,12 @@ fn mutate(mut seed: Vec<u8>, edits: &[(usize, u8, u8)]) -> Vec<u8> {
     seed
 }
 
+/// `default` cases, or `PROPTEST_CASES` for a longer run (`PROPTEST_CASES=20000 cargo test
+/// --release --test fuzz_checks`), the stable toolchain's stand-in for a fuzzing session.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(default)
+}
+
 /// A corpus file of `target` with a few random edits.
 fn mutated(target: &str) -> impl Strategy<Value = Vec<u8>> {
     let seeds = corpus(target);
@@ -56,7 +62,7 @@ fn mutated(target: &str) -> impl Strategy<Value = Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(cases(400)))]
 
     #[test]
     fn mutated_pings(bytes in mutated("ping_body")) {
@@ -72,7 +78,7 @@ proptest! {
 
 proptest! {
     // Fewer: a star polygon of up to 700 vertices is checked at ~3 000 points, brute force each.
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(cases(48)))]
 
     #[test]
     fn mutated_polygons(bytes in mutated("polygon_containment")) {
