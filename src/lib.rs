@@ -29,6 +29,7 @@
 //! | [`demo`] | `kabao demo`: campaigns from `data/`, seeded shoppers replayed over HTTP |
 //! | [`sim`] | seeded simulated phones shared by the demo and the load generator |
 //! | [`loadgen`] | `kabao loadgen`: open-loop HTTP load against `/v1/pings`, latency without coordinated omission |
+//! | `fuzzing` | the checks the `fuzz/` targets and `tests/fuzz_checks.rs` run on arbitrary bytes |
 //! | [`fakepush`] | `kabao fake-push`: protocol-faithful FCM, OAuth2 and APNs fakes over TLS, with fault injection |
 //!
 //! `spatial` and `trigger` do no I/O and never read the clock, so they are tested against brute
@@ -42,6 +43,8 @@ pub mod dispatch;
 pub mod domain;
 pub mod engine;
 pub mod fakepush;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod loadgen;
 pub mod sim;

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 use serde_json::Number;
 
-use super::error::{integer, number_in, required, FieldError};
+use super::error::{integer, number_in, objects_only, required, FieldError};
 use super::geo::{Circle, LatLon, Polygon, PolygonError, Shape};
 use super::ids::{CampaignId, FenceId};
 use super::schedule::{parse_timezone, Hours, Schedule, DAY_NAMES, EVERY_DAY};
@@ -57,6 +57,7 @@ pub struct Campaign {
 
 /// The merchant a campaign belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub struct Merchant {
     /// Merchant id, checked at redemption. Absent reads as empty, which validation refuses
     /// with a `422` on `merchant.id` like any other missing required member.
@@ -249,6 +250,7 @@ fn absent<T>(v: &Option<T>) -> bool {
 /// [`CampaignDoc::validate`] with its path, and a wrong JSON type by the parser (`400`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[allow(missing_docs)]
+#[serde(remote = "Self")]
 pub struct CampaignDoc {
     #[serde(skip_serializing_if = "absent")]
     pub id: Option<String>,
@@ -277,6 +279,7 @@ pub struct CampaignDoc {
 /// The coupon on the wire.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[allow(missing_docs)]
+#[serde(remote = "Self")]
 pub struct CouponDoc {
     #[serde(skip_serializing_if = "absent")]
     pub title: Option<String>,
@@ -294,6 +297,7 @@ pub struct CouponDoc {
 /// `{"id", "type": "polygon", "coordinates"}` (GeoJSON polygon rings).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[allow(missing_docs)]
+#[serde(remote = "Self")]
 pub struct FenceDoc {
     #[serde(skip_serializing_if = "absent")]
     pub id: Option<String>,
@@ -310,6 +314,7 @@ pub struct FenceDoc {
 /// The trigger on the wire.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[allow(missing_docs)]
+#[serde(remote = "Self")]
 pub struct TriggerDoc {
     #[serde(skip_serializing_if = "absent")]
     pub on: Option<String>,
@@ -320,6 +325,7 @@ pub struct TriggerDoc {
 /// The schedule on the wire.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[allow(missing_docs)]
+#[serde(remote = "Self")]
 pub struct ScheduleDoc {
     #[serde(skip_serializing_if = "absent")]
     pub starts_at_ms: Option<Number>,
@@ -334,6 +340,7 @@ pub struct ScheduleDoc {
 /// One line of opening hours on the wire.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[allow(missing_docs)]
+#[serde(remote = "Self")]
 pub struct HoursDoc {
     #[serde(skip_serializing_if = "absent")]
     pub days: Option<Vec<String>>,
@@ -346,6 +353,7 @@ pub struct HoursDoc {
 /// Caps on the wire.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[allow(missing_docs)]
+#[serde(remote = "Self")]
 pub struct CapsDoc {
     #[serde(skip_serializing_if = "absent")]
     pub per_user_cooldown_s: Option<Number>,
@@ -358,10 +366,23 @@ pub struct CapsDoc {
 /// Audience on the wire.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[allow(missing_docs)]
+#[serde(remote = "Self")]
 pub struct AudienceDoc {
     #[serde(skip_serializing_if = "absent")]
     pub tags_any: Option<Vec<String>>,
 }
+
+objects_only!(
+    serialize: Merchant,
+    CampaignDoc,
+    CouponDoc,
+    FenceDoc,
+    TriggerDoc,
+    ScheduleDoc,
+    HoursDoc,
+    CapsDoc,
+    AudienceDoc
+);
 
 fn text(field: &str, s: Option<String>) -> Result<Option<String>, FieldError> {
     match s {

@@ -129,3 +129,46 @@ pub fn number_in(field: &str, v: f64, min: f64, max: f64) -> Result<f64, FieldEr
     }
     Ok(v)
 }
+
+/// Makes request body types JSON objects only.
+///
+/// serde's derived `Deserialize` reads a struct from a JSON array as well, taking the elements
+/// as the members in declaration order, so `["u-1", 22.5, 114.0, …]` would be a ping. API.md's
+/// bodies are objects and only objects (issue 10). For each type named here, which must derive
+/// with `#[serde(remote = "Self")]` (that makes the derived `deserialize`/`serialize` inherent
+/// functions instead of trait impls), this implements `Deserialize` through `deserialize_map`:
+/// an array, like any other non-object, is then a wrong type (`400 malformed_json`) at the path
+/// of the value, and an object goes on to the derived code unchanged (unknown members ignored,
+/// paths tracked). `serialize:` types also get `Serialize` forwarded to the derived code.
+macro_rules! objects_only {
+    (serialize: $($ty:ident),+ $(,)?) => {
+        $(
+            impl serde::Serialize for $ty {
+                fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                    $ty::serialize(self, s)
+                }
+            }
+        )+
+        $crate::domain::error::objects_only!($($ty),+);
+    };
+    ($($ty:ident),+ $(,)?) => {
+        $(
+            impl<'de> serde::Deserialize<'de> for $ty {
+                fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+                    struct Object;
+                    impl<'de> serde::de::Visitor<'de> for Object {
+                        type Value = $ty;
+                        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                            f.write_str("a JSON object")
+                        }
+                        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<$ty, A::Error> {
+                            $ty::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                        }
+                    }
+                    de.deserialize_map(Object)
+                }
+            }
+        )+
+    };
+}
+pub(crate) use objects_only;

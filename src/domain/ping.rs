@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use serde_json::Number;
 
-use super::error::{integer, number_in, required, FieldError};
+use super::error::{integer, number_in, objects_only, required, FieldError};
 use super::geo::LatLon;
 use super::ids::UserId;
 
@@ -26,6 +26,7 @@ pub struct Ping {
 
 /// A ping as it arrives on the wire, before validation.
 #[derive(Debug, Deserialize)]
+#[serde(remote = "Self")]
 pub struct PingInput {
     user_id: Option<String>,
     lat: Option<f64>,
@@ -35,6 +36,8 @@ pub struct PingInput {
     speed_mps: Option<f64>,
     mocked: Option<bool>,
 }
+
+objects_only!(PingInput);
 
 /// The window of acceptable ping times around the server clock.
 #[derive(Debug, Clone, Copy)]

@@ -126,7 +126,7 @@ fn path_id(id: &str) -> Result<CampaignId, ApiError> {
 
 /// Read one campaign.
 #[utoipa::path(get, path = "/v1/campaigns/{id}", tag = "campaigns",
-    params(("id" = String, Path, description = "Campaign id")),
+    params(("id" = String, Path, description = "Campaign id", pattern = r"^[A-Za-z0-9_.:-]{1,64}$")),
     responses((status = 200, body = CampaignRequest), (status = 404, body = ErrorBody),
         (status = 422, description = "An id no campaign can have", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
@@ -144,7 +144,7 @@ pub async fn get_one(
 
 /// Replace a campaign (fences may change; its users' stays are forgotten).
 #[utoipa::path(put, path = "/v1/campaigns/{id}", tag = "campaigns",
-    params(("id" = String, Path, description = "Campaign id")),
+    params(("id" = String, Path, description = "Campaign id", pattern = r"^[A-Za-z0-9_.:-]{1,64}$")),
     request_body(content = CampaignRequest, description = "The whole new campaign; `id` may be omitted"),
     responses((status = 200, description = "The stored campaign", body = CampaignRequest),
         (status = 422, body = ErrorBody), (status = 404, body = ErrorBody),
@@ -175,7 +175,7 @@ pub async fn replace(
 
 /// Delete a campaign (coupons already issued stay in wallets; the id may be used again).
 #[utoipa::path(delete, path = "/v1/campaigns/{id}", tag = "campaigns",
-    params(("id" = String, Path, description = "Campaign id")),
+    params(("id" = String, Path, description = "Campaign id", pattern = r"^[A-Za-z0-9_.:-]{1,64}$")),
     responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody),
         (status = 422, description = "An id no campaign can have", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
@@ -229,7 +229,7 @@ impl From<crate::store::PushStats> for PushCounts {
 
 /// Counters of a campaign.
 #[utoipa::path(get, path = "/v1/campaigns/{id}/stats", tag = "campaigns",
-    params(("id" = String, Path, description = "Campaign id")),
+    params(("id" = String, Path, description = "Campaign id", pattern = r"^[A-Za-z0-9_.:-]{1,64}$")),
     responses((status = 200, body = StatsReply), (status = 404, body = ErrorBody),
         (status = 422, description = "An id no campaign can have", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),

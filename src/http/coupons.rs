@@ -12,16 +12,20 @@ use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::users::WalletItem;
 use super::{AppState, JsonBody, PathParams};
+use crate::domain::error::objects_only;
 use crate::domain::ids::{check_id, MAX_ID_CHARS};
 use crate::domain::CouponId;
 use crate::engine::now_ms;
 
 /// The body of a redemption.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(remote = "Self")]
 pub struct RedeemInput {
     /// The merchant redeeming; must be the campaign's merchant.
     merchant_id: Option<String>,
 }
+
+objects_only!(RedeemInput);
 
 /// Redeem a coupon.
 #[utoipa::path(post, path = "/v1/coupons/{coupon_id}/redeem", tag = "wallet",

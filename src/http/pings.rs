@@ -15,7 +15,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ErrorBody, ErrorObject};
 use super::schemas::PingsRequest;
 use super::{body_bytes, AppState};
-use crate::domain::error::classify;
+use crate::domain::error::{classify, objects_only};
 use crate::domain::{InputError, Ping, PingClock, PingInput};
 use crate::engine::now_ms;
 use crate::store::IssuedCoupon;
@@ -132,12 +132,7 @@ struct InvalidItem {
 }
 
 fn parse_item(json: &str, clock: PingClock) -> Result<Ping, InvalidItem> {
-    // serde reads a struct from a JSON array too (`[user_id, lat, lon, …]` in member order);
-    // API.md's ping is an object, and only an object.
-    if !json.trim_start().starts_with('{') {
-        let error = InputError::Malformed { message: "a ping must be a JSON object".into(), field: None };
-        return Err(InvalidItem { error, named_user: None });
-    }
+    // `PingInput` is an object only (`objects_only!`): an array item is a wrong type, 400.
     let parsed = (|| {
         let mut de = serde_json::Deserializer::from_str(json);
         let input: PingInput = serde_path_to_error::deserialize(&mut de).map_err(classify)?;
@@ -147,9 +142,12 @@ fn parse_item(json: &str, clock: PingClock) -> Result<Ping, InvalidItem> {
     parsed.map_err(|error| {
         /// Only `user_id`, whatever else the item holds (other members are ignored).
         #[derive(Deserialize)]
+        #[serde(remote = "Self")]
         struct NamedUser {
             user_id: Option<serde_json::Value>,
         }
+        // An array item names no user (it is no ping at all).
+        objects_only!(NamedUser);
         let named_user = serde_json::from_str::<NamedUser>(json)
             .ok()
             .and_then(|item| item.user_id)
@@ -224,6 +222,42 @@ fn parse_body(bytes: &[u8], clock: PingClock) -> Result<Parsed, ApiError> {
         }
     }
     Ok(parsed)
+}
+
+/// [`crate::fuzzing::ping_body`]: what must hold for any body `parse_body` is given.
+pub(crate) fn check_parse(bytes: &[u8]) {
+    const CLOCK: PingClock = PingClock { now_ms: 1_700_000_000_000, max_age_s: 86_400 };
+    let parsed = match parse_body(bytes, CLOCK) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            let (status, code) = e.status_and_code();
+            assert!(status.is_client_error() && !code.is_empty(), "{status} {code}");
+            return;
+        }
+    };
+    let oldest = CLOCK.now_ms - CLOCK.max_age_s as i64 * 1000;
+    for (_, ping) in &parsed.valid {
+        assert!((-90.0..=90.0).contains(&ping.at.lat) && (-180.0..=180.0).contains(&ping.at.lon), "{ping:?}");
+        assert!((oldest..=CLOCK.now_ms + crate::domain::ping::MAX_FUTURE_MS).contains(&ping.ts_ms), "{ping:?}");
+        assert!(ping.accuracy_m.is_none_or(|a| a.is_finite() && a >= 0.0), "{ping:?}");
+        assert_eq!(crate::domain::UserId::parse("user_id", ping.user_id.as_str()).as_ref(), Ok(&ping.user_id));
+    }
+    let mut indexes: Vec<usize> =
+        parsed.valid.iter().map(|(i, _)| *i).chain(parsed.rejected.iter().map(|r| r.index)).collect();
+    indexes.sort_unstable();
+    assert!(indexes.iter().enumerate().all(|(k, &i)| k == i), "each item once: {indexes:?}");
+    for rejected in &parsed.rejected {
+        assert!(rejected.error.field.as_deref().is_some_and(|f| f.starts_with(&format!("pings[{}]", rejected.index))));
+    }
+    if parsed.single_error.is_some() {
+        assert!(parsed.valid.is_empty() && parsed.rejected.is_empty());
+    }
+    // A single ping reads the same through the domain type alone.
+    let single = std::str::from_utf8(bytes).ok().and_then(|text| serde_json::from_str::<Envelope<'_>>(text).ok());
+    if single.is_some_and(|e| e.pings.is_none()) && parsed.single_error.is_none() {
+        let input: PingInput = crate::domain::parse_json(bytes).expect("parse_body accepted it");
+        assert_eq!(input.validate(CLOCK).as_ref(), Ok(&parsed.valid[0].1));
+    }
 }
 
 /// Ingest location pings.

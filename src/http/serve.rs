@@ -19,6 +19,12 @@
 //!   head with `content-length: 0` and no body, which kabao's own handlers never write — and
 //!   writes the error object in its place. kabao's own, smaller limits on heads and targets are
 //!   enforced by the router (see `check_head` in `mod.rs`) and answered the ordinary way.
+//!   Over HTTP/2 (h2c) the h2 layer answers one request itself: a header list over
+//!   `SETTINGS_MAX_HEADER_LIST_SIZE` (the same 256 KiB, advertised to the peer, so a conforming
+//!   client refuses to send it) gets a bodiless `431`; everything else it refuses is a
+//!   `RST_STREAM`, no HTTP status at all. That one reply is HPACK-coded and flow-controlled
+//!   inside h2, so it is not rewritten here; every head below it reaches `check_head` and gets
+//!   the error object (tests/api/edge.rs checks each 4xx over h2c).
 //!
 //! Body-read rate, rate limits and the in-flight budget are request-level and live in
 //! `mod.rs`, `rate_limit.rs` and `admission.rs`.

@@ -11,6 +11,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::pings::CouponTexts;
 use super::{AppState, JsonBody, PathParams};
+use crate::domain::error::objects_only;
 use crate::domain::{DeviceId, UserId};
 use crate::engine::now_ms;
 use crate::store::{CouponRecord, Device, Platform};
@@ -26,6 +27,7 @@ const MAX_LOCALE_CHARS: usize = 35;
 
 /// A device as `PUT` takes it, before validation.
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(remote = "Self")]
 pub struct DeviceInput {
     /// `fcm` or `apns`.
     platform: Option<String>,
@@ -36,6 +38,8 @@ pub struct DeviceInput {
     /// Display locale, e.g. `zh-CN`.
     locale: Option<String>,
 }
+
+objects_only!(DeviceInput);
 
 impl DeviceInput {
     fn validate(self) -> Result<Device, ApiError> {

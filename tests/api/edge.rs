@@ -49,6 +49,29 @@ async fn oversized_heads_and_targets_carry_the_error_object() {
 }
 
 #[tokio::test]
+async fn over_h2c_every_4xx_carries_the_error_object_too() {
+    let app = spawn_with(|c| c.http.ping_body_limit_bytes = 1024).await;
+    let h2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let send = |request: reqwest::RequestBuilder| async move {
+        let response = request.send().await.expect("an h2c reply");
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        TestApp::reply(response).await
+    };
+    let url = |path: &str| format!("{}{path}", app.base);
+    let padded = h2.get(url("/v1/campaigns")).bearer_auth(ADMIN).header("x-padding", "p".repeat(20 * 1024));
+    send(padded).await.assert_error(431, "headers_too_large");
+    let long = h2.get(url(&format!("/v1/campaigns?after={}", "a".repeat(9 * 1024)))).bearer_auth(ADMIN);
+    send(long).await.assert_error(414, "uri_too_long");
+    send(h2.get(url("/nowhere"))).await.assert_error(404, "not_found");
+    send(h2.delete(url("/v1/pings")).bearer_auth(ADMIN)).await.assert_error(405, "method_not_allowed");
+    send(h2.get(url("/v1/campaigns"))).await.assert_error(401, "unauthorized");
+    let big = h2.post(url("/v1/pings")).bearer_auth(ADMIN).body(vec![b' '; 4096]);
+    send(big).await.assert_error(413, "payload_too_large");
+    let array = h2.post(url("/v1/pings")).bearer_auth(ADMIN).body(r#"["u", 1, 2]"#);
+    send(array).await.assert_error(400, "malformed_json");
+}
+
+#[tokio::test]
 async fn pings_are_json_objects_never_arrays() {
     let app = spawn().await;
     app.create(&campaign("c")).await;
@@ -62,6 +85,53 @@ async fn pings_are_json_objects_never_arrays() {
     assert!(reply.events().is_empty());
     app.post("/v1/pings", &as_array).await.assert_error(400, "malformed_json");
     assert!(app.wallet("u-1").await.is_empty());
+}
+
+#[tokio::test]
+async fn every_body_and_every_nested_member_is_an_object_never_an_array() {
+    let app = spawn().await;
+    // Each object of a campaign in turn written as the array of its members' values (what
+    // serde's derive would read as the struct), refused as a wrong type naming where it is.
+    type Break = fn(&mut serde_json::Value);
+    let cases: [(&str, Break); 9] = [
+        ("merchant", |c| c["merchant"] = json!(["m-1", "Merchant One"])),
+        ("coupon", |c| c["coupon"] = json!(["title", "body", null, null, 86400])),
+        ("fences[0]", |c| c["fences"] = json!([["store-1", "circle", [LON, LAT], 150.0, null]])),
+        ("fences[1]", |c| c["fences"].as_array_mut().unwrap().push(json!(["store-2", "circle", [LON, LAT], 150.0]))),
+        ("trigger", |c| c["trigger"] = json!(["dwell", 60])),
+        ("schedule", |c| c["schedule"] = json!([0, 4102444800000i64, "UTC", null])),
+        ("schedule.hours[0]", |c| c["schedule"] = json!({"hours": [[["mon"], "08:00", "22:00"]]})),
+        ("caps", |c| c["caps"] = json!([0, 1, 100])),
+        ("audience", |c| c["audience"] = json!([["vip"]])),
+    ];
+    for (field, break_it) in cases {
+        let mut body = campaign("arrays");
+        break_it(&mut body);
+        let reply = app.post("/v1/campaigns", &body).await;
+        reply.assert_error(400, "malformed_json");
+        assert_eq!(reply.field(), Some(field), "{}", reply.text);
+        let reply = app.put("/v1/campaigns/arrays", &body).await;
+        reply.assert_error(400, "malformed_json");
+        assert_eq!(reply.field(), Some(field), "{}", reply.text);
+    }
+    let whole = json!(["arrays", "name", {"id": "m-1"}, {"title": "t"}, [circle("f", LON, LAT, 150.0)]]);
+    app.post("/v1/campaigns", &whole).await.assert_error(400, "malformed_json");
+    app.put("/v1/campaigns/arrays", &whole).await.assert_error(400, "malformed_json");
+    assert!(app.campaign_ids().await.is_empty());
+
+    // Devices and redemptions alike.
+    let device = json!(["fcm", "tok", ["vip"], "en"]);
+    app.put("/v1/users/u-1/devices/d-1", &device).await.assert_error(400, "malformed_json");
+    let device = json!({"platform": "fcm", "token": "tok", "tags": ["vip"], "locale": "en"});
+    assert_eq!(app.put("/v1/users/u-1/devices/d-1", &device).await.status, 200);
+    app.create(&campaign("c")).await;
+    let coupon = app.ping(inside("u-1", t0())).await.events()[0]["coupon_id"].as_str().unwrap().to_owned();
+    let redeem = format!("/v1/coupons/{coupon}/redeem");
+    app.post(&redeem, &json!(["m-1"])).await.assert_error(400, "malformed_json");
+    assert_eq!(app.wallet("u-1").await[0]["status"], "issued");
+    // The object forms still work.
+    let reply = app.post(&redeem, &json!({"merchant_id": "m-1"})).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
 }
 
 #[tokio::test]
@@ -244,5 +314,10 @@ async fn openapi_publishes_request_schemas_and_the_edges_statuses() {
         }
     }
     assert!(statuses("/v1/campaigns", "get").contains(&"400".to_owned()));
+    // Path ids publish their rule, so generated requests reach the handlers, not only the 422.
+    for method in ["get", "put", "delete"] {
+        let pattern = &doc["paths"]["/v1/campaigns/{id}"][method]["parameters"][0]["schema"]["pattern"];
+        assert_eq!(pattern, "^[A-Za-z0-9_.:-]{1,64}$", "{method}");
+    }
     assert!(statuses("/v1/users/{user_id}/coupons", "get").contains(&"422".to_owned()));
 }
