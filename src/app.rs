@@ -55,6 +55,7 @@ impl Application {
         crate::http::ops::metrics_handle();
         let engine = Engine::start(store.clone(), config.engine.clone()).await.context("loading campaigns")?;
         let tokens = crate::store::provider_tokens(store.clone());
+        let store_for_limits = store.clone();
         let providers = crate::dispatch::providers_from_config(&config.push, tokens).context("push providers")?;
         tracing::info!(fcm = providers.fcm.name(), apns = providers.apns.name(), "push providers");
 
@@ -67,7 +68,11 @@ impl Application {
         let dispatch = DispatchConfig::from_push(&config.push);
         let dispatcher = Dispatcher::new(store, providers, dispatch, consumer);
         tasks.spawn(dispatcher.run(engine.issued_notify(), shutdown.clone()));
-        let router = router(AppState::new(engine.clone(), &config));
+        // Shared by every node where the store is (Redis), else this node's own.
+        let rate_limiter = store_for_limits
+            .shared_rate_limiter()
+            .unwrap_or_else(|| Arc::new(crate::http::rate_limit::MemoryRateLimiter::default()));
+        let router = router(AppState::with_rate_limiter(engine.clone(), &config, rate_limiter));
         Ok(Self {
             listener,
             local_addr,

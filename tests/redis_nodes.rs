@@ -352,3 +352,40 @@ async fn a_node_killed_and_restarted_keeps_campaigns_wallets_caps_and_stays() {
     assert!(app.ping(outside("k9-u", t + 120_000)).await.events().is_empty());
     assert_eq!(helpers::event_campaigns(&app.ping(inside("k9-u", t + 180_000)).await), ["k9-a"]);
 }
+
+/// API.md: rate limits are shared by all nodes in Redis mode. One user's requests alternating
+/// between two nodes draw on one bucket (burst 10 at 1 request/s): per-node buckets would let 20
+/// through. The wallet read comes from the other node than the last ping, and a refusal carries
+/// `Retry-After`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_one_rate_limit_bucket_per_user() {
+    let server = RedisServer::start();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        nodes.push(spawn_over(|c| c.rate_limits.requests_per_user_per_s = 1.0, redis_store(&server).await).await);
+    }
+    let token = helpers::jwt("limited-user");
+    let t = now_ms() - 60_000;
+    let (mut ok, mut limited) = (0, 0);
+    for i in 0..20 {
+        let node = &nodes[i % 2];
+        let reply = node
+            .call(reqwest::Method::POST, "/v1/pings", Some(&token), Some(&outside("limited-user", t + i as i64)))
+            .await;
+        match reply.status.as_u16() {
+            200 => ok += 1,
+            429 => {
+                reply.assert_error(429, "rate_limited");
+                assert!(reply.retry_after.is_some(), "a 429 carries Retry-After");
+                limited += 1;
+            }
+            other => panic!("request {i}: {other} {}", reply.text),
+        }
+    }
+    // Ten of the burst, and at most a token or two refilled while the requests ran.
+    assert!((10..=12).contains(&ok), "{ok} requests went through, {limited} were limited");
+    // Another user's bucket is their own.
+    let other = helpers::jwt("other-user");
+    let reply = nodes[1].call(reqwest::Method::POST, "/v1/pings", Some(&other), Some(&outside("other-user", t))).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+}

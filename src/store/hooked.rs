@@ -104,4 +104,7 @@ hooked! {
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }
+    fn shared_rate_limiter(self: Arc<Self>) -> Option<Arc<dyn crate::http::rate_limit::RateLimiter>> {
+        self.inner.clone().shared_rate_limiter()
+    }
 }

@@ -530,4 +530,9 @@ pub trait Store: CampaignStore + DeviceStore + IssueStore + OutboxStore + Provid
     async fn close(&self) -> Result<(), StoreError> {
         Ok(())
     }
+    /// The rate limiter every node on this store shares (Redis), or `None` where each node keeps
+    /// its own buckets (memory, embedded: one node).
+    fn shared_rate_limiter(self: Arc<Self>) -> Option<Arc<dyn crate::http::rate_limit::RateLimiter>> {
+        None
+    }
 }

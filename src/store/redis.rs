@@ -60,6 +60,7 @@ use super::{
     UserCommit, UserCommitResult, UserStateRecord,
 };
 use crate::domain::{Campaign, CampaignDoc, CampaignId, CouponId, DeviceId, UserId};
+use crate::http::rate_limit::{RateKey, RateLimiter};
 
 /// The longest any one store call may take before it answers [`StoreError::Unavailable`].
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -121,6 +122,7 @@ struct Scripts {
     remove_dead_device: Script,
     identity: Script,
     revision_floor: Script,
+    rate_limit: Script,
 }
 
 impl Scripts {
@@ -135,6 +137,7 @@ impl Scripts {
             remove_dead_device: Script::new(REMOVE_DEAD_DEVICE_SCRIPT),
             identity: Script::new(IDENTITY_SCRIPT),
             revision_floor: Script::new(REVISION_FLOOR_SCRIPT),
+            rate_limit: Script::new(include_str!("redis/rate_limit.lua")),
         }
     }
 }
@@ -970,6 +973,10 @@ impl Store for RedisStore {
         "redis"
     }
 
+    fn shared_rate_limiter(self: Arc<Self>) -> Option<Arc<dyn RateLimiter>> {
+        Some(self)
+    }
+
     async fn health(&self) -> Result<(), StoreError> {
         self.check_identity().await
     }
@@ -1010,6 +1017,33 @@ impl super::ProviderTokenStore for RedisStore {
 }
 
 #[doc(hidden)]
+/// API.md's rate limits shared by every node on this Redis: one bucket per [`RateKey`] at
+/// `kabao:{rl:<key>}` (a hash: `t` the server time in µs, `n` the tokens), one script per take.
+#[async_trait]
+impl RateLimiter for RedisStore {
+    async fn take(
+        &self,
+        key: &RateKey,
+        rate_per_s: f64,
+        burst: f64,
+        _now: tokio::time::Instant,
+    ) -> Result<(), Duration> {
+        let mut invocation = self.inner.scripts.rate_limit.key(format!("kabao:{{{}}}", key.as_str()));
+        invocation.arg(rate_per_s).arg(burst);
+        match self.run(invocation.invoke_async::<i64>(&mut self.conn())).await {
+            Ok(0) => Ok(()),
+            Ok(wait_us) => Err(Duration::from_micros(wait_us.max(1) as u64)),
+            // Open, not shut: a Redis that cannot answer already fails every request that needs
+            // it with 503, and the limit must not turn `/v1/…` reads of a recovering node into 429s.
+            Err(e) => {
+                metrics::counter!("kabao_rate_limit_unavailable_total").increment(1);
+                tracing::debug!(error = %e, "rate limit not checked: the store did not answer");
+                Ok(())
+            }
+        }
+    }
+}
+
 pub mod test_server;
 
 #[cfg(test)]
