@@ -60,3 +60,44 @@ fn the_dockerfile_is_multi_stage_and_builds_as_the_readme_says() {
     assert!(file("README.md").contains(build), "the README names the same build step");
     assert!(dockerfile.contains("COPY --from=build /src/target/release/kabao"));
 }
+
+/// Every file under `dir`, recursively, as text.
+fn sources(dir: &Path, out: &mut String) {
+    for entry in std::fs::read_dir(dir).expect("readable source dir") {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs" || e == "lua") {
+            out.push_str(&std::fs::read_to_string(&path).expect("source file"));
+        }
+    }
+}
+
+#[test]
+fn the_grafana_dashboard_parses_and_charts_only_metrics_kabao_writes() {
+    let dashboard: Value = serde_json::from_str(&file("deploy/grafana/kabao.json")).expect("dashboard is JSON");
+    let mut src = String::new();
+    sources(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut src);
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10, "a panel per area of issue 9's list");
+    let mut charted = 0;
+    for panel in panels {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for (at, _) in expr.match_indices("kabao_") {
+                let name: String = expr[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit())
+                    .collect();
+                let written = name.strip_suffix("_bucket").unwrap_or(&name);
+                assert!(
+                    src.contains(&format!("\"{written}\"")),
+                    "{} charts {written}, which kabao does not write",
+                    panel["title"]
+                );
+                charted += 1;
+            }
+        }
+    }
+    assert!(charted > 0);
+}
