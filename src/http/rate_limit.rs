@@ -104,9 +104,20 @@ impl MemoryRateLimiter {
         }
         buckets.retain(|_, b| b.tokens_at(now) < b.burst);
         if buckets.len() >= capacity {
-            if let Some(oldest) = buckets.iter().min_by_key(|(_, b)| b.updated).map(|(k, _)| k.clone()) {
-                buckets.remove(&oldest);
-            }
+            // No bucket is full: more keys than the capacity are in debt (a flood of keys). Drop
+            // the least recently used sixteenth at once, not one, so the O(n) passes here are
+            // paid once per capacity/16 new keys instead of once per key.
+            let mut updated: Vec<Instant> = buckets.values().map(|b| b.updated).collect();
+            let drop = (capacity / 16).max(1).min(updated.len());
+            let (_, &mut cutoff, _) = updated.select_nth_unstable(drop - 1);
+            let mut dropped = 0;
+            buckets.retain(|_, b| {
+                let keep = b.updated > cutoff || dropped >= drop;
+                if !keep {
+                    dropped += 1;
+                }
+                keep
+            });
         }
     }
 }
@@ -208,5 +219,22 @@ mod tests {
         for _ in 0..10 {
             assert!(limiter.take(&busy, 1.0, 10.0, t + Duration::from_secs(1_000)).await.is_ok());
         }
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_keys_in_debt_drops_the_least_recently_used_and_keeps_the_rest() {
+        let limiter = MemoryRateLimiter::new(160);
+        let t = Instant::now();
+        // 1 000 keys, each emptied (burst 1, refilling over 1 000 s): none is ever full again.
+        for i in 0..1_000u64 {
+            let at = t + Duration::from_millis(i);
+            limiter.take(&key(&format!("k{i}")), 0.001, 1.0, at).await.unwrap();
+            assert!(limiter.len() <= 160);
+        }
+        // The newest keys are still held, in debt: a second take is refused.
+        let newest = t + Duration::from_millis(999);
+        assert!(limiter.take(&key("k999"), 0.001, 1.0, newest).await.is_err());
+        // The oldest were forgiven (dropped): a take succeeds again.
+        assert!(limiter.take(&key("k0"), 0.001, 1.0, newest).await.is_ok());
     }
 }
