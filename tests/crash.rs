@@ -8,13 +8,15 @@
 //! interval before each request it kills the server under, and kills it while that request is
 //! in flight; whatever the request had done is then either on disk or redone by its retry.
 
+mod support;
+
 use std::path::Path;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use support::listening;
 use tokio::process::{Child, Command};
 
 const ADMIN: &str = "crash-admin";
@@ -45,13 +47,8 @@ async fn start(data_dir: &Path) -> Server {
         .kill_on_drop(true)
         .spawn()
         .expect("kabao starts");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    while let Some(line) = lines.next_line().await.expect("reading stdout") {
-        if let Some(url) = line.strip_prefix("kabao listening on ") {
-            return Server { child, base: url.to_owned() };
-        }
-    }
-    panic!("kabao exited before listening");
+    let base = listening(&mut child).await;
+    Server { child, base }
 }
 
 fn now_ms() -> i64 {

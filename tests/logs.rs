@@ -2,11 +2,14 @@
 //! the route template, status and latency, and nothing private — no user id in clear, no
 //! coordinates at full precision, no token or secret — even at `debug` level.
 
+mod support;
+
 use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use support::listening;
+use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 const ADMIN: &str = "logs-admin-token-4f1d";
@@ -30,13 +33,7 @@ async fn json_logs_carry_request_spans_and_nothing_private() {
         .kill_on_drop(true)
         .spawn()
         .expect("kabao starts");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let base = loop {
-        let line = stdout.next_line().await.expect("stdout").expect("kabao exited before listening");
-        if let Some(url) = line.strip_prefix("kabao listening on ") {
-            break url.to_owned();
-        }
-    };
+    let base = listening(&mut child).await;
     let mut stderr = child.stderr.take().expect("stderr");
 
     let http = reqwest::Client::new();

@@ -2,9 +2,10 @@
 //! reuse and single-flight refresh, the APNs re-signing rules (on a manual clock, no sleeping),
 //! and every fault ending in its documented `PushOutcome`. Plus `Backoff`'s bounds.
 
+mod support;
+
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,24 +21,14 @@ use kabao::store::memory::MemoryStore;
 use kabao::store::{Device, IssuedCoupon, Platform, StoreError};
 use rand::SeedableRng;
 use serde_json::json;
+use support::scratch_dir;
 
 const APNS_TOKEN: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
 const FCM_TOKEN: &str = "fcm-token:APA91b-example_token";
 
-fn scratch_dir() -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "kabao-push-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// A fake on port 0 whose clock is `clock`.
 async fn fake(clock: SharedClock) -> FakePush {
-    fakepush::start(FakePushConfig { clock, ..FakePushConfig::for_tests(scratch_dir()) }).await.unwrap()
+    fakepush::start(FakePushConfig { clock, ..FakePushConfig::for_tests(scratch_dir("push-test")) }).await.unwrap()
 }
 
 fn roots(fake: &FakePush) -> Vec<reqwest::Certificate> {
@@ -466,7 +457,7 @@ async fn providers_from_config_reads_the_fakes_files_and_routes_by_platform() {
 
 #[tokio::test]
 async fn bad_key_files_fail_start_up_naming_the_file() {
-    let dir = scratch_dir();
+    let dir = scratch_dir("push-test");
     let garbage = dir.join("garbage.json");
     std::fs::write(&garbage, "{\"not\": \"a key\"}").unwrap();
     let missing = dir.join("missing.p8");

@@ -12,15 +12,15 @@
 //! are accepted exactly once. The APNs pushes after the restart are accepted too: the restarted
 //! node sends the provider token it kept in the store (a new one would be refused).
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
-use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use kabao::fakepush::{self, FakePush, FakePushConfig, Fault, Received};
 use kabao::store::redis::test_server::RedisServer;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use support::{eventually, listening, scratch_dir};
 use tokio::process::{Child, Command};
 
 const ADMIN: &str = "push-crash-admin";
@@ -63,40 +63,12 @@ async fn start(store_args: &[String], fake: &FakePush) -> Server {
         .kill_on_drop(true)
         .spawn()
         .expect("kabao starts");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    while let Some(line) = lines.next_line().await.expect("reading stdout") {
-        if let Some(url) = line.strip_prefix("kabao listening on ") {
-            return Server { child, base: url.to_owned() };
-        }
-    }
-    panic!("kabao exited before listening");
+    let base = listening(&mut child).await;
+    Server { child, base }
 }
 
 fn now_us() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as i64
-}
-
-fn scratch_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kabao-push-crash-{}-{}", std::process::id(), now_us()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Polls `check` until it gives `Some`; fails with `what` after a deadline that only bounds a
-/// test that would otherwise hang.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 async fn call(http: &reqwest::Client, server: &Server, method: reqwest::Method, path: &str, body: Value) -> Value {
@@ -168,7 +140,7 @@ fn acceptances(fake: &FakePush) -> BTreeMap<(String, String), Vec<i64>> {
 
 /// The scenario, over the store `store_args` names.
 async fn killed_mid_delivery_delivers_the_rest(store_args: Vec<String>) {
-    let fake = fakepush::start(FakePushConfig::for_tests(scratch_dir())).await.unwrap();
+    let fake = fakepush::start(FakePushConfig::for_tests(scratch_dir("push-crash"))).await.unwrap();
     let http = reqwest::Client::new();
     let mut server = start(&store_args, &fake).await;
     let campaign = json!({

@@ -7,9 +7,9 @@
 //! Backoff is configured in milliseconds (`push_backoff_base_ms`), so retries take no time
 //! except where a provider's `Retry-After` says otherwise.
 
+mod support;
+
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,6 +25,7 @@ use kabao::store::redis::RedisStore;
 use kabao::store::{Store, StoreError};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use support::{eventually, scratch_dir};
 use tokio::sync::oneshot;
 
 const ADMIN: &str = "push-e2e-admin";
@@ -36,34 +37,6 @@ const APNS_TOKEN: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
-}
-
-fn scratch_dir() -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "kabao-push-e2e-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Polls `check` until it gives `Some`, failing the test with `what` after a generous deadline
-/// (the machine is shared; the deadline only bounds a test that would otherwise hang).
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// The push settings pointing kabao at `fake`, with millisecond backoff.
@@ -98,7 +71,7 @@ impl Harness {
 
     /// `n` nodes sharing one memory store (and so one outbox), all pointed at one fake.
     async fn nodes(n: usize, tune: impl Fn(&mut Config)) -> Self {
-        let fake = Arc::new(fakepush::start(FakePushConfig::for_tests(scratch_dir())).await.unwrap());
+        let fake = Arc::new(fakepush::start(FakePushConfig::for_tests(scratch_dir("push-e2e"))).await.unwrap());
         let outbox_closed = Arc::new(AtomicBool::new(false));
         let store = gated_store(Arc::new(MemoryStore::new()), outbox_closed.clone());
         Self::over(fake, vec![store; n], outbox_closed, tune).await
@@ -106,7 +79,7 @@ impl Harness {
 
     /// `n` nodes sharing `store` (its outbox gated as [`gated_store`] says), all pointed at one fake.
     async fn nodes_over(store: Arc<dyn Store>, n: usize, tune: impl Fn(&mut Config)) -> Self {
-        let fake = Arc::new(fakepush::start(FakePushConfig::for_tests(scratch_dir())).await.unwrap());
+        let fake = Arc::new(fakepush::start(FakePushConfig::for_tests(scratch_dir("push-e2e"))).await.unwrap());
         let outbox_closed = Arc::new(AtomicBool::new(false));
         let store = gated_store(store, outbox_closed.clone());
         Self::over(fake, vec![store; n], outbox_closed, tune).await
@@ -526,7 +499,7 @@ fn apns_tokens_and_statuses(fake: &FakePush) -> (HashSet<String>, Vec<u16>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_on_one_redis_with_one_apns_key_send_one_provider_token() {
     let redis = RedisServer::start();
-    let fake = Arc::new(fakepush::start(FakePushConfig::for_tests(scratch_dir())).await.unwrap());
+    let fake = Arc::new(fakepush::start(FakePushConfig::for_tests(scratch_dir("push-e2e"))).await.unwrap());
     // Held closed while the coupons are issued, then opened for both nodes at once: both start
     // with no token and find their first pushes at the same moment.
     let outbox_closed = Arc::new(AtomicBool::new(true));
@@ -568,7 +541,7 @@ async fn a_node_restarted_on_its_data_dir_sends_the_apns_token_it_signed_before(
         })
         .await
     };
-    let fake = Arc::new(fakepush::start(FakePushConfig::for_tests(scratch_dir())).await.unwrap());
+    let fake = Arc::new(fakepush::start(FakePushConfig::for_tests(scratch_dir("push-e2e"))).await.unwrap());
     let node = Harness::over(fake, vec![open().await], Arc::new(AtomicBool::new(false)), |_| {}).await;
     node.campaign("before").await;
     node.device("ivy", "iphone", "apns", APNS_TOKEN).await;

@@ -1,0 +1,50 @@
+//! What the test targets that run the real `kabao` binary, or wait on the push fakes, share:
+//! reading the announced address, a scratch directory, polling with a deadline.
+//! (Each target compiles this module on its own and uses part of it.)
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Child;
+
+/// Reads `child`'s stdout up to its `kabao listening on URL` line and answers the URL; panics if
+/// the process exits first. The rest of stdout is dropped.
+pub async fn listening(child: &mut Child) -> String {
+    let mut lines = BufReader::new(child.stdout.take().expect("kabao's stdout is piped")).lines();
+    while let Some(line) = lines.next_line().await.expect("reading kabao's stdout") {
+        if let Some(url) = line.strip_prefix("kabao listening on ") {
+            return url.trim().to_owned();
+        }
+    }
+    panic!("kabao exited before listening");
+}
+
+/// A fresh directory under the system's temp dir, named after `what`, this process and a counter.
+pub fn scratch_dir(what: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir =
+        std::env::temp_dir().join(format!("kabao-{what}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Polls `check` every 10 ms until it gives `Some`, failing the test with `what` after a generous
+/// deadline (the machine is shared; the deadline only bounds a test that would otherwise hang).
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
