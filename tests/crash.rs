@@ -16,8 +16,8 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use support::listening;
-use tokio::process::{Child, Command};
+use support::{serve_command, Server};
+use tokio::process::Command;
 
 const ADMIN: &str = "crash-admin";
 /// The shop: users walk between here and 400 m north.
@@ -27,28 +27,14 @@ const USERS: usize = 12;
 const STEPS: usize = 36;
 const CHECKPOINT_MS: u64 = 200;
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
 async fn start(data_dir: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kabao"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .args(["--checkpoint-interval-ms", &CHECKPOINT_MS.to_string()])
-        .env("KABAO_ADMIN_TOKEN", ADMIN)
-        .env("KABAO_RATE_LIMIT_REQUESTS_PER_IP_PER_S", "0")
-        .env_remove("KABAO_LISTEN")
-        .env_remove("KABAO_EPHEMERAL")
-        .env_remove("KABAO_REDIS_URL")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("kabao starts");
-    let base = listening(&mut child).await;
-    Server { child, base }
+    Server::spawn(
+        serve_command(ADMIN)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--checkpoint-interval-ms", &CHECKPOINT_MS.to_string()]),
+    )
+    .await
 }
 
 fn now_ms() -> i64 {

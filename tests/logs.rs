@@ -8,9 +8,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::listening;
+use support::{serve_command, Server};
 use tokio::io::AsyncReadExt;
-use tokio::process::Command;
 
 const ADMIN: &str = "logs-admin-token-4f1d";
 const SECRET: &str = "logs-client-secret-9a7c";
@@ -21,19 +20,14 @@ const LON: &str = "114.0579876";
 
 #[tokio::test]
 async fn json_logs_carry_request_spans_and_nothing_private() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kabao"))
-        .args(["serve", "--ephemeral", "--listen", "127.0.0.1:0", "--log-format", "json"])
-        .env("KABAO_ADMIN_TOKEN", ADMIN)
-        .env("KABAO_CLIENT_SECRET", SECRET)
-        .env("RUST_LOG", "debug")
-        .env_remove("KABAO_LISTEN")
-        .env_remove("KABAO_REDIS_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("kabao starts");
-    let base = listening(&mut child).await;
+    let Server { mut child, base } = Server::spawn(
+        serve_command(ADMIN)
+            .args(["--ephemeral", "--log-format", "json"])
+            .env("KABAO_CLIENT_SECRET", SECRET)
+            .env("RUST_LOG", "debug")
+            .stderr(Stdio::piped()),
+    )
+    .await;
     let mut stderr = child.stderr.take().expect("stderr");
 
     let http = reqwest::Client::new();

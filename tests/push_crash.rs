@@ -20,8 +20,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use kabao::fakepush::{self, FakePush, FakePushConfig, Fault, Received};
 use kabao::store::redis::test_server::RedisServer;
 use serde_json::{json, Value};
-use support::{eventually, listening, scratch_dir};
-use tokio::process::{Child, Command};
+use support::{eventually, scratch_dir, serve_command, Server};
 
 const ADMIN: &str = "push-crash-admin";
 const LON: f64 = 114.0579;
@@ -33,38 +32,18 @@ const FIRST_WAVE: usize = 6;
 /// Users whose pushes are under way when the server is killed.
 const SECOND_WAVE: usize = 18;
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
 /// `kabao serve` on a free port over the store `store_args` name, pushing to `fake` with short
 /// backoff, timeout and lease (so a test of seconds sees retries and a dead node's leases end).
 async fn start(store_args: &[String], fake: &FakePush) -> Server {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kabao"));
-    command.args(["serve", "--listen", "127.0.0.1:0"]).args(store_args);
-    for (name, value) in fake.env() {
-        command.env(name, value);
-    }
-    let mut child = command
-        .env("KABAO_ADMIN_TOKEN", ADMIN)
-        .env("KABAO_RATE_LIMIT_REQUESTS_PER_IP_PER_S", "0")
+    let mut command = serve_command(ADMIN);
+    command.args(store_args).envs(fake.env());
+    command
         .env("KABAO_PUSH_CONCURRENCY", CONCURRENCY.to_string())
         .env("KABAO_PUSH_BACKOFF_BASE_MS", "10")
         .env("KABAO_PUSH_BACKOFF_MAX_MS", "100")
         .env("KABAO_PUSH_TIMEOUT_MS", "1000")
-        .env("KABAO_PUSH_LEASE_MS", "3000")
-        .env_remove("KABAO_LISTEN")
-        .env_remove("KABAO_EPHEMERAL")
-        .env_remove("KABAO_REDIS_URL")
-        .env_remove("KABAO_DATA_DIR")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("kabao starts");
-    let base = listening(&mut child).await;
-    Server { child, base }
+        .env("KABAO_PUSH_LEASE_MS", "3000");
+    Server::spawn(&mut command).await
 }
 
 fn now_us() -> i64 {

@@ -9,7 +9,42 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Child;
+use tokio::process::{Child, Command};
+
+/// `kabao serve --listen 127.0.0.1:0` with admin token `admin` and the per-address rate limit
+/// off, none of the caller's `KABAO_LISTEN`, `KABAO_EPHEMERAL`, `KABAO_REDIS_URL` or
+/// `KABAO_DATA_DIR` leaking in, stdout piped for [`Server::spawn`] and stderr dropped (a test
+/// that reads the logs pipes it instead). The caller adds the store and its own settings.
+pub fn serve_command(admin: &str) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kabao"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("KABAO_ADMIN_TOKEN", admin)
+        .env("KABAO_RATE_LIMIT_REQUESTS_PER_IP_PER_S", "0")
+        .env_remove("KABAO_LISTEN")
+        .env_remove("KABAO_EPHEMERAL")
+        .env_remove("KABAO_REDIS_URL")
+        .env_remove("KABAO_DATA_DIR")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+/// A running `kabao serve` child and the URL it announced.
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Server {
+    /// Starts `command` (see [`serve_command`]) and waits for its address.
+    pub async fn spawn(command: &mut Command) -> Server {
+        let mut child = command.spawn().expect("kabao starts");
+        let base = listening(&mut child).await;
+        Server { child, base }
+    }
+}
 
 /// Reads `child`'s stdout up to its `kabao listening on URL` line and answers the URL; panics if
 /// the process exits first. The rest of stdout is dropped.
