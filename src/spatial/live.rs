@@ -215,14 +215,12 @@ impl LiveIndex {
         let live = w.live();
         let base = build_base(live);
         w.install(base, FxHashSet::default());
-        self.inner.current.store(Arc::new(w.snapshot()));
-        record_size(&self.inner.current.load());
+        self.inner.publish_snapshot(w.snapshot());
     }
 
     /// Swaps in a snapshot of the writer state; starts a background rebuild if the overlay is big.
     fn publish(&self, w: &mut Writer) {
-        self.inner.current.store(Arc::new(w.snapshot()));
-        record_size(&self.inner.current.load());
+        self.inner.publish_snapshot(w.snapshot());
         let threshold = w.rebuild_after.max(w.base.fence_count() / 32);
         let big = w.overlay_fences > threshold || w.dead.len() > 1024.max(w.base.campaigns().len() / 4);
         if big && w.touched.is_none() {
@@ -237,14 +235,21 @@ impl LiveIndex {
                 }
                 let touched = w.touched.take().unwrap_or_default();
                 w.install(base, touched);
-                inner.current.store(Arc::new(w.snapshot()));
-                record_size(&inner.current.load());
+                inner.publish_snapshot(w.snapshot());
             });
             if spawned.is_err() {
                 // No thread to be had: stay on the overlay and try again on the next write.
                 w.touched = None;
             }
         }
+    }
+}
+
+impl Inner {
+    /// Makes `snapshot` the one matching reads, and shows its size in `/metrics`.
+    fn publish_snapshot(&self, snapshot: Snapshot) {
+        record_size(&snapshot);
+        self.current.store(Arc::new(snapshot));
     }
 }
 
