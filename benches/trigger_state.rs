@@ -18,16 +18,10 @@ use std::sync::Arc;
 
 use kabao::domain::{Campaign, CampaignId, Circle, Fence, FenceId, LatLon, Ping, Shape, Trigger, UserId};
 use kabao::trigger::{FenceHit, TriggerConfig, TriggerEngine};
-use stats_alloc::{StatsAlloc, INSTRUMENTED_SYSTEM};
+use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
-
-/// Bytes currently allocated through the global allocator.
-fn live_heap_bytes() -> isize {
-    let stats = GLOBAL.stats();
-    stats.bytes_allocated as isize - stats.bytes_deallocated as isize + stats.bytes_reallocated
-}
 
 const USERS: usize = 200_000;
 const FENCES: usize = 1_000;
@@ -62,9 +56,9 @@ struct Figures {
 
 /// Tracks `USERS` users, each in one stay, with ids `prefix` + a number.
 fn measure(campaign: &Arc<Campaign>, prefix: &str) -> Figures {
-    let engine = TriggerEngine::new(TriggerConfig { state_ttl_s: 3_600, max_accuracy_m: 100.0, max_speed_mps: 100.0 });
+    let engine = TriggerEngine::new(TriggerConfig::DEFAULTS);
     let user_id = |u: usize| UserId::parse("user_id", &format!("{prefix}{u:07}")).unwrap();
-    let heap_before = live_heap_bytes();
+    let heap = Region::new(GLOBAL);
     let resident_before = resident_bytes();
     for u in 0..USERS {
         let fence = &campaign.fences[u % FENCES];
@@ -79,7 +73,8 @@ fn measure(campaign: &Arc<Campaign>, prefix: &str) -> Figures {
         };
         engine.apply(&ping, &[FenceHit { campaign, fence }]);
     }
-    let heap = (live_heap_bytes() - heap_before) as f64;
+    let change = heap.change();
+    let heap = (change.bytes_allocated as isize - change.bytes_deallocated as isize + change.bytes_reallocated) as f64;
     let resident = resident_bytes().saturating_sub(resident_before) as f64;
     let encoded: usize = (0..1_000)
         .map(|u| {

@@ -49,10 +49,10 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             max_ping_age_s: 86_400,
-            state_ttl_s: 3_600,
-            max_accuracy_m: 100.0,
+            state_ttl_s: TriggerConfig::DEFAULTS.state_ttl_s,
+            max_accuracy_m: TriggerConfig::DEFAULTS.max_accuracy_m,
             max_coupons_per_user_per_day: 10,
-            max_speed_mps: 100.0,
+            max_speed_mps: TriggerConfig::DEFAULTS.max_speed_mps,
             campaign_poll: Duration::from_millis(200),
         }
     }

@@ -47,6 +47,12 @@ pub struct TriggerConfig {
     pub max_speed_mps: f64,
 }
 
+impl TriggerConfig {
+    /// API.md's defaults (`state_ttl_s`, `max_accuracy_m`, `max_speed_mps`).
+    pub const DEFAULTS: TriggerConfig =
+        TriggerConfig { state_ttl_s: 3_600, max_accuracy_m: 100.0, max_speed_mps: 100.0 };
+}
+
 /// Why a valid ping was not applied. When several hold, the first in declaration order is given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -10,11 +10,11 @@ use super::testkit::{at, campaign, fence, hits_of, ping, square, summary};
 use super::{FenceHit, Outcome, TriggerConfig, TriggerEngine};
 
 const MIN: i64 = 60_000;
-const TTL_S: u64 = 3_600;
-const TTL: i64 = 3_600_000;
+/// `state_ttl_s` of the defaults, in milliseconds.
+const TTL: i64 = DEFAULTS.state_ttl_s as i64 * 1000;
 
 /// API.md's defaults.
-const DEFAULTS: TriggerConfig = TriggerConfig { state_ttl_s: TTL_S, max_accuracy_m: 100.0, max_speed_mps: 100.0 };
+const DEFAULTS: TriggerConfig = TriggerConfig::DEFAULTS;
 const NO_SPEED: TriggerConfig = TriggerConfig { max_speed_mps: 0.0, ..DEFAULTS };
 
 /// Centre of fence `a`.
