@@ -24,6 +24,11 @@ macro_rules! id_type {
             pub fn as_str(&self) -> &str {
                 &self.0
             }
+
+            /// Whether both are one allocation (a clone of the other), not only equal.
+            pub fn shares_allocation(&self, other: &Self) -> bool {
+                Arc::ptr_eq(&self.0, &other.0)
+            }
         }
 
         impl std::fmt::Display for $name {

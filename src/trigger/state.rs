@@ -260,6 +260,12 @@ impl UserState {
             let due_after_ms = due_after_ms(campaign.trigger);
             let mut nearest: Option<(f64, &FenceId)> = None;
             for (stay, hit) in self.stays[from..from + group.len()].iter_mut().zip(group) {
+                // A state read back from the store holds its own copies of the ids; taking the
+                // matched campaign's keeps a cached user at its compact size.
+                if !stay.fence.shares_allocation(&hit.fence.id) {
+                    stay.campaign = campaign.id.clone();
+                    stay.fence = hit.fence.id.clone();
+                }
                 if stay.used || ping.ts_ms.saturating_sub(stay.start_ts_ms) < due_after_ms {
                     continue;
                 }
@@ -443,5 +449,21 @@ mod tests {
 
         assert_eq!(state.encode(), first_bytes);
         assert_eq!(UserState::decode(&first_bytes).unwrap(), state);
+    }
+
+    #[test]
+    fn a_state_read_back_from_the_store_shares_the_campaigns_ids_after_its_next_ping() {
+        let world = vec![Arc::new(campaign("dwell", Trigger::Dwell { dwell_s: 60 }, vec![fence("f", 0.0, 0.0, 50.0)]))];
+        let place = at(0.0, 1.0);
+        let mut state = UserState::default();
+        state.apply(&TriggerConfig::DEFAULTS, &ping("phone", place, 1_700_000_000_000), &hits_of(&world, place));
+        let mut read_back = UserState::decode(&state.encode()).unwrap();
+        let ids = &world[0].fences[0].id;
+        assert!(!read_back.stays[0].fence.shares_allocation(ids));
+
+        read_back.apply(&TriggerConfig::DEFAULTS, &ping("phone", place, 1_700_000_001_000), &hits_of(&world, place));
+        assert!(read_back.stays[0].fence.shares_allocation(ids));
+        assert!(read_back.stays[0].campaign.shares_allocation(&world[0].id));
+        assert_eq!(read_back.stays[0].start_ts_ms, 1_700_000_000_000, "the stay goes on");
     }
 }
