@@ -45,7 +45,7 @@ pub struct Application {
 impl Application {
     /// Opens the configured store and builds a server over it, bound to `config.listen`.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let store = open_store(&config.store).await?;
+        let store = open_store(&config.store, config.engine.max_tracked_users).await?;
         Self::build_with_store(config, store).await
     }
 
@@ -127,17 +127,19 @@ impl Application {
     }
 }
 
-/// Opens the store `choice` names, saying at start-up which one is in use and where.
-pub async fn open_store(choice: &StoreChoice) -> anyhow::Result<Arc<dyn Store>> {
+/// Opens the store `choice` names, saying at start-up which one is in use and where; a store that
+/// keeps every trigger state in memory keeps at most `max_tracked_users` of them.
+pub async fn open_store(choice: &StoreChoice, max_tracked_users: usize) -> anyhow::Result<Arc<dyn Store>> {
     match choice {
         StoreChoice::Ephemeral => {
             tracing::info!(store = "memory", "store: in memory only (--ephemeral): everything is lost on exit");
-            Ok(Arc::new(MemoryStore::new()))
+            Ok(Arc::new(MemoryStore::with_max_user_states(max_tracked_users)))
         }
         StoreChoice::Embedded { data_dir, checkpoint_interval, retention } => {
             let config = EmbeddedConfig {
                 checkpoint_interval: *checkpoint_interval,
                 retention: *retention,
+                max_user_states: max_tracked_users,
                 ..EmbeddedConfig::new(data_dir)
             };
             Ok(EmbeddedStore::open(config)?)

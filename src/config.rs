@@ -108,6 +108,10 @@ pub struct ServeArgs {
     /// Trigger state is forgotten after this long without a ping. Default 3600.
     #[arg(long, env = "KABAO_STATE_TTL_S", value_name = "SECONDS")]
     pub state_ttl_s: Option<u64>,
+    /// Most users whose trigger state is kept; beyond it the longest idle are dropped first.
+    /// 0 = no ceiling. Default 5000000.
+    #[arg(long, env = "KABAO_MAX_TRACKED_USERS", value_name = "N")]
+    pub max_tracked_users: Option<usize>,
     /// Pings less accurate than this never trigger. Default 100.
     #[arg(long, env = "KABAO_MAX_ACCURACY_M", value_name = "METRES")]
     pub max_accuracy_m: Option<f64>,
@@ -592,6 +596,7 @@ impl Config {
                 .unwrap_or(defaults.max_coupons_per_user_per_day),
             max_speed_mps: pick!(max_speed_mps).unwrap_or(defaults.max_speed_mps),
             campaign_poll: defaults.campaign_poll,
+            max_tracked_users: pick!(max_tracked_users).unwrap_or(defaults.max_tracked_users),
         };
         if !(engine.max_accuracy_m.is_finite() && engine.max_accuracy_m >= 0.0) {
             bail!("max_accuracy_m must be a non-negative number");

@@ -43,7 +43,15 @@ pub struct EngineConfig {
     pub max_speed_mps: f64,
     /// How often the node asks the store for campaign changes made through other nodes.
     pub campaign_poll: Duration,
+    /// Most users whose trigger state is kept (0: no ceiling); beyond it the longest idle go
+    /// first (see [`crate::ceiling`]): from this node's cache, and from the store where the
+    /// store holds every state in memory (in-memory, embedded).
+    pub max_tracked_users: usize,
 }
+
+/// `max_tracked_users`' default: at the ≈ 400 bytes a tracked user costs a node with the
+/// embedded store (cached state, the store's copy, the maps), ≈ 2 GB at most.
+pub const DEFAULT_MAX_TRACKED_USERS: usize = 5_000_000;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -54,6 +62,7 @@ impl Default for EngineConfig {
             max_coupons_per_user_per_day: 10,
             max_speed_mps: TriggerConfig::DEFAULTS.max_speed_mps,
             campaign_poll: Duration::from_millis(200),
+            max_tracked_users: DEFAULT_MAX_TRACKED_USERS,
         }
     }
 }
@@ -143,6 +152,7 @@ impl Engine {
             issued: Arc::new(Notify::new()),
         });
         tokio::spawn(evict_idle_users(Arc::downgrade(&engine)));
+        tokio::spawn(bound_tracked_users(Arc::downgrade(&engine)));
         tokio::spawn(follow_campaign_changes(Arc::downgrade(&engine)));
         Ok(engine)
     }
@@ -543,6 +553,23 @@ async fn follow_campaign_changes(engine: Weak<Engine>) {
         if let Err(e) = engine.sync_campaigns().await {
             tracing::warn!(error = %e, "cannot read campaign changes from the store; retrying");
         }
+    }
+}
+
+/// Keeps this node's cache of trigger states under `max_tracked_users`, checked every second (so
+/// a flood of new user ids overshoots it by at most a second of pings), the selection run off
+/// the request threads.
+async fn bound_tracked_users(engine: Weak<Engine>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Some(strong) = engine.upgrade() else { return };
+        let max = strong.config.max_tracked_users;
+        if max == 0 || strong.triggers.user_count() <= max {
+            continue;
+        }
+        let dropped = tokio::task::spawn_blocking(move || strong.triggers.drop_longest_idle(max)).await.unwrap_or(0);
+        metrics::counter!("kabao_tracked_users_dropped_total", "from" => "node_cache").increment(dropped as u64);
     }
 }
 

@@ -22,6 +22,7 @@
 //! | [`spatial`] | `FenceIndex` / `LiveIndex`: which fences contain a point — the hot path, pure and in memory |
 //! | [`trigger`] | per-user stay state and the trigger rules 0–5, in event time |
 //! | [`store`] | campaigns, devices, wallets, caps, outbox behind one trait; the in-memory implementation |
+//! | [`ceiling`] | how many users' trigger states are kept, and which go first (`max_tracked_users`) |
 //! | [`engine`] | the way through (index → trigger → store) and campaign changes → index |
 //! | [`dispatch`] | outbox → push providers, at least once (the `log` provider for the embedded default) |
 //! | [`http`] | axum routes, auth, errors, limits, OpenAPI — thin: parse, call, map errors |
@@ -37,6 +38,7 @@
 //! truth, and a new immutable index snapshot is swapped in without pausing matching.
 
 pub mod app;
+pub mod ceiling;
 pub mod config;
 pub mod demo;
 pub mod dispatch;

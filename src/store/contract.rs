@@ -638,6 +638,31 @@ pub async fn user_states(store: &Arc<dyn Store>) {
     assert_eq!(check_only[0], UserCommitResult::Committed { version: 12, outcomes: vec![] });
 }
 
+/// For a store that holds every trigger state in memory, built with a `max_tracked_users` of
+/// 10 (not part of [`store_contract_suite`]: a shared store such as Redis bounds its memory with
+/// key expiry instead). Twenty users whose states may be forgotten at ever later times: once over
+/// the ceiling, down to 9 are kept, the longest idle gone first; the caps are not state and stay.
+pub async fn user_state_ceiling_of_ten(store: &Arc<dyn Store>) {
+    let user = |k: usize| format!("ceil-{k:02}");
+    for k in 0..20 {
+        // Later users are kept longer: they are the less idle.
+        let commit = UserCommit { keep_for_ms: HOUR + 1_000 * k as i64, ..commit_of(&user(k), 0, Some(b"s"), 7) };
+        let result = store.commit(vec![commit]).await.unwrap();
+        assert!(matches!(result[0], UserCommitResult::Committed { version: 7, .. }), "{k}: {result:?}");
+    }
+    let users: Vec<UserId> = (0..20).map(|k| uid(&user(k))).collect();
+    let kept: Vec<bool> = store.load_user_states(&users).await.unwrap().iter().map(Option::is_some).collect();
+    // Every second commit from the eleventh on goes over the ceiling and drops the two longest
+    // idle (down to 9): 0–1, 2–3, … 8–9 went, 10–19 remain.
+    let expected: Vec<bool> = (0..20).map(|k| k >= 10).collect();
+    assert_eq!(kept, expected, "the longest idle go first");
+    // A dropped user starts afresh: its commit from version 0 applies.
+    // (Kept longest of all, it takes the count over again: 10 and 11 go.)
+    let again = UserCommit { keep_for_ms: 2 * HOUR, ..commit_of(&user(0), 0, Some(b"t"), 8) };
+    let again = store.commit(vec![again]).await.unwrap();
+    assert!(matches!(again[0], UserCommitResult::Committed { version: 8, .. }), "{again:?}");
+}
+
 /// Within one commit, issue requests of different users are decided in ascending `ts_ms`: the
 /// earliest ping wins a campaign's last coupon, whatever the order of the users.
 pub async fn commit_decides_in_event_time(store: &Arc<dyn Store>) {

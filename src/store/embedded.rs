@@ -86,6 +86,9 @@ pub struct EmbeddedConfig {
     pub retention: Duration,
     /// redb's page cache.
     pub cache_bytes: usize,
+    /// `max_tracked_users`: most trigger states kept (0: no ceiling), the longest idle dropped
+    /// first (also from disk, at the next checkpoint).
+    pub max_user_states: usize,
 }
 
 impl EmbeddedConfig {
@@ -96,6 +99,7 @@ impl EmbeddedConfig {
             checkpoint_interval: Duration::from_secs(1),
             retention: Duration::from_secs(90 * 86_400),
             cache_bytes: 64 << 20,
+            max_user_states: 0,
         }
     }
 }
@@ -121,7 +125,7 @@ impl std::fmt::Debug for EmbeddedStore {
 /// What lives in memory: the node's trigger states, leases, counters of the write path.
 #[derive(Debug, Default)]
 struct Memory {
-    user_states: FxHashMap<UserId, (UserStateRecord, i64)>,
+    user_states: super::HeldStates,
     /// Users whose state changed since it was last written.
     dirty: FxHashSet<UserId>,
     /// Outbox sequence → server time its lease ends.
@@ -491,6 +495,8 @@ impl EmbeddedStore {
                 }
             }
         }
+        // A ceiling lowered since the last run applies at once (the rows go at the first checkpoint).
+        let dirty = super::drop_longest_idle(&mut user_states, config.max_user_states).into_iter().collect();
         tracing::info!(
             store = "embedded",
             path = %path.display(),
@@ -499,7 +505,7 @@ impl EmbeddedStore {
             "store: embedded, durable (one node)"
         );
 
-        let memory = Arc::new(Mutex::new(Memory { user_states, meta, ..Memory::default() }));
+        let memory = Arc::new(Mutex::new(Memory { user_states, dirty, meta, ..Memory::default() }));
         let db = Arc::new(db);
         let failed = Arc::new(AtomicBool::new(false));
         let (writer, jobs) = std::sync::mpsc::sync_channel::<Job>(8 * MAX_BATCH);
@@ -943,6 +949,9 @@ impl IssueStore for EmbeddedStore {
                 }
                 results[i] = Some(apply_state(&mut memory, commit, now));
             }
+            let dropped = super::drop_longest_idle(&mut memory.user_states, self.config.max_user_states);
+            // Marked dirty so that the next checkpoint deletes their rows too.
+            memory.dirty.extend(dropped);
         }
         if !issuing.is_empty() {
             let decided = self
@@ -1290,12 +1299,42 @@ mod tests {
         EmbeddedStore::open(EmbeddedConfig::new(dir)).expect("opens")
     }
 
+    /// Opens `dir` again once the previous store let go of it: its writer thread holds the
+    /// database until its channel closes.
+    async fn reopen(dir: &std::path::Path) -> Arc<EmbeddedStore> {
+        loop {
+            match EmbeddedStore::open(EmbeddedConfig::new(dir)) {
+                Ok(store) => break store,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    }
+
     async fn open_for_contract() -> (Arc<dyn Store>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         (open(dir.path()), dir)
     }
 
     crate::store_contract_tests!(open_for_contract);
+
+    #[tokio::test]
+    async fn keeps_at_most_max_tracked_users_states_also_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = EmbeddedConfig { max_user_states: 10, ..EmbeddedConfig::new(dir.path()) };
+        {
+            let store = EmbeddedStore::open(config.clone()).expect("opens");
+            let dyn_store: Arc<dyn Store> = store.clone();
+            contract::user_state_ceiling_of_ten(&dyn_store).await;
+            store.close().await.unwrap();
+        }
+        // The dropped states' rows went too: after a restart without a ceiling, the nine the
+        // section ends with are back (0, re-created, and 12–19), not twenty.
+        let store = reopen(dir.path()).await;
+        let users: Vec<UserId> = (0..20).map(|k| UserId::parse("user_id", &format!("ceil-{k:02}")).unwrap()).collect();
+        let kept: Vec<bool> = store.load_user_states(&users).await.unwrap().iter().map(Option::is_some).collect();
+        let expected: Vec<bool> = (0..20).map(|k| k == 0 || k >= 12).collect();
+        assert_eq!(kept, expected);
+    }
 
     fn campaign(id: &str) -> crate::domain::Campaign {
         let doc: CampaignDoc = serde_json::from_value(serde_json::json!({
@@ -1329,13 +1368,7 @@ mod tests {
             store.close().await.unwrap();
             assert_eq!(stored.revision, 1);
         }
-        // The writer thread holds the database until its channel closes; wait for it to let go.
-        let store = loop {
-            match EmbeddedStore::open(EmbeddedConfig::new(dir.path())) {
-                Ok(store) => break store,
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
-            }
-        };
+        let store = reopen(dir.path()).await;
         let (revision, campaigns) = store.all_campaigns().await.unwrap();
         assert_eq!((revision, campaigns.len()), (1, 1));
         assert_eq!(campaigns[0].revision, 1);

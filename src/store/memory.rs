@@ -43,12 +43,20 @@ const DEAD_LETTERS_KEPT: usize = 10_000;
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    /// `max_tracked_users`: most trigger states kept (0: no ceiling).
+    max_user_states: usize,
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store with no ceiling on trigger states.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store keeping at most `max` users' trigger states (0: no ceiling), the longest
+    /// idle dropped first.
+    pub fn with_max_user_states(max: usize) -> Self {
+        Self { max_user_states: max, ..Self::default() }
     }
 }
 
@@ -67,7 +75,7 @@ struct State {
     /// Devices by user, then by device id (so lists are in id order).
     devices: FxHashMap<UserId, BTreeMap<DeviceId, Device>>,
     /// Users' trigger states and when (server time) they may be forgotten.
-    user_states: FxHashMap<UserId, (UserStateRecord, i64)>,
+    user_states: super::HeldStates,
     /// Server time of the last sweep of forgettable trigger states.
     last_sweep_ms: i64,
     /// Every coupon ever issued: the wallet records and the "already issued" set in one.
@@ -372,6 +380,7 @@ impl IssueStore for MemoryStore {
             };
             results.push(UserCommitResult::Committed { version, outcomes });
         }
+        super::drop_longest_idle(&mut state.user_states, self.max_user_states);
         Ok(results)
     }
 
@@ -539,4 +548,10 @@ mod tests {
     }
 
     crate::store_contract_tests!(open);
+
+    #[tokio::test]
+    async fn keeps_at_most_max_tracked_users_states() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::with_max_user_states(10));
+        crate::store::contract::user_state_ceiling_of_ten(&store).await;
+    }
 }

@@ -220,6 +220,36 @@ pub struct UserStateRecord {
     pub bytes: Vec<u8>,
 }
 
+/// Trigger states held in memory by a store that keeps every one there (the in-memory and
+/// embedded stores), each with the server time from which it may be forgotten.
+pub(crate) type HeldStates = rustc_hash::FxHashMap<UserId, (UserStateRecord, i64)>;
+
+/// Applies the `max_tracked_users` ceiling to `states` (0: none): once over it, the states that
+/// may be forgotten soonest (the users idle longest) are dropped down to 90 % of it (see
+/// [`crate::ceiling`]). Returns the users dropped, counted in
+/// `kabao_tracked_users_dropped_total{from="store"}`. A dropped user's next ping starts afresh,
+/// as after `state_ttl_s`; the caps and "already issued" still hold, they are not state.
+pub(crate) fn drop_longest_idle(states: &mut HeldStates, max: usize) -> Vec<UserId> {
+    let Some(mut cut) = crate::ceiling::IdleCut::plan(states.values().map(|(_, at)| *at).collect(), max) else {
+        return Vec::new();
+    };
+    let mut dropped = Vec::with_capacity(states.len() - (max - max / 10));
+    states.retain(|user, (_, forget_at_ms)| {
+        let goes = cut.drops(*forget_at_ms);
+        if goes {
+            dropped.push(user.clone());
+        }
+        !goes
+    });
+    metrics::counter!("kabao_tracked_users_dropped_total", "from" => "store").increment(dropped.len() as u64);
+    tracing::warn!(
+        dropped = dropped.len(),
+        max,
+        "over max_tracked_users: the longest idle users' trigger states dropped"
+    );
+    dropped
+}
+
 /// What one request changes for one user: committed whole or not at all.
 #[derive(Debug, Clone)]
 pub struct UserCommit {

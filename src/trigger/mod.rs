@@ -28,6 +28,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use rustc_hash::{FxBuildHasher, FxHashMap};
 
+use crate::ceiling::IdleCut;
 use crate::domain::{Campaign, Fence, FenceId, Ping, UserId};
 
 pub use state::{DecodeError, UserState};
@@ -207,6 +208,22 @@ impl TriggerEngine {
             freed += before - users.len();
         }
         freed
+    }
+
+    /// Once more than `max` users are cached (0: no ceiling), drops the longest idle — the
+    /// oldest newest-applied ping — down to 90 % of `max` (see [`crate::ceiling`]); returns how
+    /// many went. A dropped user's next request reads the store's copy, so this costs exactness
+    /// only where the store holds no copy of its own.
+    pub fn drop_longest_idle(&self, max: usize) -> usize {
+        let mut times = Vec::new();
+        for shard in self.shards.iter() {
+            times.extend(shard.lock().values().map(|user| user.state.newest_ts_ms()));
+        }
+        let Some(mut cut) = IdleCut::plan(times, max) else { return 0 };
+        for shard in self.shards.iter() {
+            shard.lock().retain(|_, user| !cut.drops(user.state.newest_ts_ms()));
+        }
+        cut.dropped()
     }
 
     /// Forgets the cached state of one user (erasure; a store failure whose outcome is unknown);

@@ -683,3 +683,22 @@ fn extreme_times_do_not_overflow() {
     assert_eq!(engine.evict_idle(i64::MAX, 0), 0);
     assert_eq!(engine.evict_idle(i64::MAX, -1), 1);
 }
+
+#[test]
+fn over_the_ceiling_the_longest_idle_users_go_first() {
+    let engine = engine();
+    let world = [Arc::new(c1(ENTER))];
+    let apply = |ping: Ping| summary(&engine.apply(&ping, &hits_of(&world, ping.at)));
+    // Users u0…u19, u0 the longest idle (oldest newest-applied ping).
+    for k in 0..20 {
+        assert_eq!(apply(p(1_000 * k, a()).by(&format!("u{k}"))), "c1:a");
+    }
+    assert_eq!(engine.drop_longest_idle(20), 0, "at the ceiling nothing goes");
+    assert_eq!(engine.drop_longest_idle(0), 0, "0 is no ceiling");
+    // Over a ceiling of 10: down to 9, the 11 longest idle gone.
+    assert_eq!(engine.drop_longest_idle(10), 11);
+    assert_eq!(engine.user_count(), 9);
+    // A dropped user starts afresh (enters again); a kept one is still inside.
+    assert_eq!(apply(p(30_000, a()).by("u10")), "c1:a");
+    assert_eq!(apply(p(30_000, a()).by("u11")), "");
+}

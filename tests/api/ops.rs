@@ -216,3 +216,30 @@ async fn the_binary_refuses_an_unreachable_redis_clearly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("connecting to the Redis store"), "{stderr}");
 }
+
+/// `max_tracked_users`: past it, the longest idle users' trigger states are dropped, from the
+/// store and from the node's cache, and counted.
+#[tokio::test]
+async fn over_max_tracked_users_the_longest_idle_are_dropped_and_counted() {
+    let store = std::sync::Arc::new(kabao::store::memory::MemoryStore::with_max_user_states(10));
+    let app = spawn_over(|c| c.engine.max_tracked_users = 10, store).await;
+    app.create(&campaign("ceiling")).await;
+    for k in 0..20 {
+        assert_eq!(app.ping(inside(&format!("ceil-{k}"), t0() + k)).await.status, StatusCode::OK);
+    }
+    let dropped = |text: &str, from: &str| {
+        let prefix = format!("kabao_tracked_users_dropped_total{{from=\"{from}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    // The store drops at once; the node's cache within its next check (every second).
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = app.call(Method::GET, "/metrics", None, None).await.text;
+        if dropped(&metrics, "node_cache").is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(dropped(&metrics, "store").is_some_and(|n| n >= 10.0), "{metrics}");
+    assert!(dropped(&metrics, "node_cache").is_some_and(|n| n >= 10.0), "{metrics}");
+}
