@@ -335,6 +335,45 @@ fn live_random_writes_equal_brute_force() {
     }
 }
 
+/// Many campaigns written one by one with no base rebuild: the runs stay few (they shrink
+/// geometrically, so a write costs in proportion to the campaign written) and exact.
+#[test]
+fn many_single_writes_keep_few_runs_and_equal_brute_force() {
+    let area = (39.9, 40.0, 116.3, 116.45);
+    let mut rng = testdata::rng(21);
+    let index = LiveIndex::with_rebuild_after(Vec::new(), usize::MAX);
+    let mut live: std::collections::BTreeMap<String, Arc<Campaign>> = Default::default();
+    let pings = testdata::pings(22, 100, area);
+    for step in 0..1_500 {
+        // Mostly new campaigns, some replaced or removed (their old runs keep dead slots).
+        let id = if rng.gen_bool(0.8) { format!("n{step}") } else { format!("n{}", rng.gen_range(0..=step)) };
+        if rng.gen_bool(0.1) {
+            let removed = index.remove(&crate::domain::CampaignId::parse("id", &id).expect("valid"));
+            assert_eq!(removed, live.remove(&id).is_some());
+        } else {
+            let shapes = testdata::circles(rng.gen(), rng.gen_range(0..4), area, (50.0, 3_000.0));
+            let c = Arc::new(campaign(&id, shapes));
+            live.insert(id, Arc::clone(&c));
+            index.upsert(c);
+        }
+        let snapshot = index.snapshot();
+        assert_eq!(snapshot.campaign_count(), live.len());
+        // Weights more than halve from run to run: about log2 of everything written, plus the base.
+        assert!(snapshot.segment_count() <= 2 + (64 - (6 * (step as u64 + 1)).leading_zeros()) as usize, "step {step}");
+        if step % 100 == 0 {
+            let now: Vec<Arc<Campaign>> = live.values().cloned().collect();
+            for &p in &pings {
+                assert_eq!(live_hits(&index, p), brute_hits(&now, p), "step {step}");
+            }
+        }
+    }
+    let now: Vec<Arc<Campaign>> = live.values().cloned().collect();
+    assert_eq!(index.snapshot().fence_count(), now.iter().map(|c| c.fences.len()).sum::<usize>());
+    for &p in &pings {
+        assert_eq!(live_hits(&index, p), brute_hits(&now, p));
+    }
+}
+
 /// A matcher running while campaigns are replaced sees, in every snapshot, either the old or the
 /// new version of each campaign, never both or neither.
 #[test]
