@@ -11,7 +11,8 @@
 # fences registered by `kabao loadgen --create-fences`, `kabao loadgen` with batches and with
 # single pings, and `cargo bench --bench compare`, which first checks that every system finds
 # the same matches and then times each. The table goes into BENCHMARKS.md's "Side by side"
-# section (replaced if present, appended if not) with the date, commit and load.
+# section with the date, commit and load: only between its two `scripts/compare.sh writes`
+# markers when they are there (the section is appended when they are not).
 #
 # Env: CIRCLES (90000), POLYGONS (10000), SECONDS_MEASURED (10, per form), CONNECTIONS (8),
 # BATCH (500), CHECK (pings checked, 20000), OUT (/tmp/kabao-compare), TIME_LIMIT (1800 s, the
@@ -134,8 +135,7 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 COMMIT=$(git rev-parse --short HEAD)
 DIRTY=$(git diff --quiet HEAD -- src benches Cargo.toml Cargo.lock || echo ", with uncommitted changes")
 {
-    echo "## Side by side (\`scripts/compare.sh\`, \`benches/compare.rs\`)"
-    echo
+    echo "<!-- scripts/compare.sh writes from here -->"
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit \`$COMMIT\`$DIRTY, $(nproc) cores shared with other work;"
     echo "load average (1, 5, 15 min) $LOAD_BEFORE before the bench, $LOAD_AFTER after."
     echo "Command: \`scripts/compare.sh\` (CIRCLES=$CIRCLES POLYGONS=$POLYGONS SECONDS_MEASURED=$MEASURE"
@@ -143,16 +143,19 @@ DIRTY=$(git diff --quiet HEAD -- src benches Cargo.toml Cargo.lock || echo ", wi
     echo "kabao over HTTP with $HTTP_CONNECTIONS loadgen connections, server and generator on the same cores."
     echo
     cat "$OUT/table.md"
+    echo "<!-- scripts/compare.sh writes up to here -->"
 } >"$OUT/section.md"
+# Only the part between the markers is replaced: the reading of it written around them stays.
 python3 - "$BENCHMARKS" "$OUT/section.md" <<'EOF'
 import re, sys
-path, section = sys.argv[1], open(sys.argv[2]).read().rstrip("\n") + "\n"
+path, part = sys.argv[1], open(sys.argv[2]).read().rstrip("\n")
 text = open(path).read()
-m = re.search(r"^## Side by side.*?(?=^## |\Z)", text, flags=re.S | re.M)
+m = re.search(r"^<!-- scripts/compare.sh writes from here -->.*?^<!-- scripts/compare.sh writes up to here -->", text, flags=re.S | re.M)
 if m:
-    text = text[: m.start()] + section + ("\n" if m.end() < len(text) else "") + text[m.end():]
+    text = text[: m.start()] + part + text[m.end():]
 else:
-    text = text.rstrip("\n") + "\n\n" + section
+    head = "## Side by side (`scripts/compare.sh`, `benches/compare.rs`)\n\n"
+    text = text.rstrip("\n") + "\n\n" + head + part + "\n"
 open(path, "w").write(text)
 EOF
 log "wrote the Side by side section of $BENCHMARKS"
