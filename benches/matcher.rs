@@ -1,5 +1,6 @@
 //! Matching throughput of `kabao::spatial::FenceIndex` against the rstar baseline of
-//! PERFORMANCE.md (rstar `bulk_load` of fence bounding boxes + envelope query + exact test),
+//! PERFORMANCE.md (rstar `bulk_load` of fence bounding boxes + envelope query + exact test, in
+//! `benches/support`, shared with `benches/compare.rs`),
 //! measured in the same run over the same seeded fences and pings.
 //!
 //! Every case first checks that kabao and the baseline find the same fences at every ping (so a
@@ -13,59 +14,19 @@
 #![allow(missing_docs)]
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use kabao::domain::geo::{LatLon, Shape, EARTH_RADIUS_M};
-use kabao::domain::Campaign;
+use kabao::domain::geo::{LatLon, Shape};
 use kabao::spatial::testdata::{self, Area};
-use kabao::spatial::{FenceIndex, Hit};
+use kabao::spatial::FenceIndex;
 use rand::Rng;
-use rstar::primitives::{GeomWithData, Rectangle};
-use rstar::{RTree, AABB};
+use support::Baseline;
+
+mod support;
 
 /// Pings timed per iteration of each case.
 const PINGS: usize = 200_000;
-
-/// The baseline: bounding boxes in an R-tree, then the exact test on each candidate.
-struct Baseline {
-    tree: RTree<GeomWithData<Rectangle<[f64; 2]>, Hit>>,
-    campaigns: Vec<Arc<Campaign>>,
-}
-
-impl Baseline {
-    fn build(campaigns: &[Arc<Campaign>]) -> Self {
-        let mut items = Vec::new();
-        for (ci, c) in campaigns.iter().enumerate() {
-            for (fi, f) in c.fences.iter().enumerate() {
-                let hit = Hit { campaign: ci as u32, fence: fi as u32 };
-                let [x0, y0, x1, y1] = match &f.shape {
-                    Shape::Circle(c) => {
-                        // Generous box (the bench areas are far from the poles and ±180).
-                        let dlat = (c.radius_m / EARTH_RADIUS_M).to_degrees() * 1.001;
-                        let dlon = dlat / c.center.lat.to_radians().cos();
-                        [c.center.lon - dlon, c.center.lat - dlat, c.center.lon + dlon, c.center.lat + dlat]
-                    }
-                    Shape::Polygon(p) => p.bbox(),
-                };
-                items.push(GeomWithData::new(Rectangle::from_corners([x0, y0], [x1, y1]), hit));
-            }
-        }
-        Self { tree: RTree::bulk_load(items), campaigns: campaigns.to_vec() }
-    }
-
-    fn matches(&self, p: LatLon, out: &mut Vec<Hit>) {
-        let env = AABB::from_point([p.lon, p.lat]);
-        for item in self.tree.locate_in_envelope_intersecting(&env) {
-            let h = item.data;
-            // For circles this is exactly the haversine test (`Circle::contains`).
-            if self.campaigns[h.campaign as usize].fences[h.fence as usize].shape.contains(p) {
-                out.push(h);
-            }
-        }
-    }
-}
 
 /// Checks both answer the same at every ping; returns the total hit count.
 fn check(index: &FenceIndex, base: &Baseline, pings: &[LatLon]) -> usize {

@@ -59,12 +59,18 @@ pub struct FenceSet {
     pub bounds: (f64, f64, f64, f64),
 }
 
-/// `n` seeded fences of `shape` over `area`.
-pub fn generate(n: usize, shape: ShapeKind, area: AreaKind, seed: u64) -> FenceSet {
-    let shapes = match shape {
+/// The shapes of `n` seeded fences of `shape` over `area`: what [`generate`] registers, for
+/// benches that must load the very same fences elsewhere (`benches/compare.rs`).
+pub fn shapes(n: usize, shape: ShapeKind, area: AreaKind, seed: u64) -> Vec<Shape> {
+    match shape {
         ShapeKind::Circle => testdata::circles(seed, n, area.bounds(), (50.0, 2_000.0)),
         ShapeKind::Polygon => testdata::small_polygons(seed, n, area.bounds()),
-    };
+    }
+}
+
+/// `n` seeded fences of `shape` over `area`.
+pub fn generate(n: usize, shape: ShapeKind, area: AreaKind, seed: u64) -> FenceSet {
+    let shapes = shapes(n, shape, area, seed);
     let fences = shapes.iter().enumerate().map(|(i, s)| shape_doc(i, s)).collect();
     let stem = format!("{}-{}", area.name(), if shape == ShapeKind::Circle { "circles" } else { "polygons" });
     FenceSet { stem, fences, bounds: area.bounds() }
