@@ -27,6 +27,11 @@ pub struct Cli {
     /// How log lines are written to stderr: `text`, or `json` (one object per line).
     #[arg(long, global = true, env = "KABAO_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: crate::telemetry::LogFormat,
+    /// OTLP/HTTP collector to export kabao's request spans to (e.g. `http://127.0.0.1:4318`;
+    /// `/v1/traces` is appended unless present). Off when absent. A flag and variable only, not a
+    /// config-file setting: tracing starts before the file is read.
+    #[arg(long, global = true, env = "KABAO_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The subcommands of `kabao`.

@@ -1,4 +1,5 @@
-//! The `kabao` binary: parse the command line, start telemetry, run the subcommand.
+//! The `kabao` binary: parse the command line, start telemetry, run the subcommand, flush
+//! telemetry.
 
 use clap::Parser;
 use kabao::config::{Cli, Command, Config};
@@ -8,12 +9,15 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo prints its own report; a log line per push would drown it.
     let default_level = if matches!(cli.command, Command::Demo(_)) { "warn" } else { "info" };
-    kabao::telemetry::init_logs(cli.log_format, default_level);
-    match cli.command {
+    let telemetry = kabao::telemetry::init(cli.log_format, default_level, cli.otlp_endpoint.as_deref())?;
+    let result = match cli.command {
         Command::Serve(args) => kabao::app::serve(Config::load(args)?).await,
         Command::Demo(args) => kabao::app::demo(args).await,
         Command::FakePush(args) => kabao::fakepush::run(args).await,
         Command::Store(command) => kabao::app::store_command(command).await,
         Command::Loadgen(args) => kabao::loadgen::run(args).await,
-    }
+    };
+    // After the command: `serve` returns once its requests are drained, so their spans are in.
+    telemetry.shutdown().await;
+    result
 }

@@ -193,6 +193,7 @@ async fn admission(state: &AppState, request: &mut Request) -> Result<Ticket, Ap
     let caller = state.auth.identify(bearer(request.headers())?)?;
     let fairness_key: Arc<str> = match &caller {
         Caller::Client(user) => {
+            crate::telemetry::record_user(user);
             let per_user = limits.requests_per_user_per_s;
             if per_user > 0.0 {
                 limit(state, &RateKey::user(user), per_user, per_user * 10.0, now).await?;

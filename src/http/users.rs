@@ -83,7 +83,7 @@ impl DeviceInput {
         (status = 400, body = ErrorBody), (status = 408, description = "Body too slow", body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
-#[tracing::instrument(skip_all, fields(user_id = %ids.0, device_id = %ids.1))]
+#[tracing::instrument(skip_all, fields(device_id = %ids.1))]
 pub async fn put_device(
     caller: Caller,
     State(state): State<AppState>,
@@ -108,7 +108,7 @@ pub async fn put_device(
         (status = 422, description = "An id breaking the id rule", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
-#[tracing::instrument(skip_all, fields(user_id = %ids.0, device_id = %ids.1))]
+#[tracing::instrument(skip_all, fields(device_id = %ids.1))]
 pub async fn delete_device(
     caller: Caller,
     State(state): State<AppState>,
@@ -211,7 +211,7 @@ pub struct Wallet {
         (status = 422, description = "An id breaking the id rule", body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 429, description = "Rate limited or overloaded", body = ErrorBody), (status = 503, body = ErrorBody)),
     security(("bearer" = [])))]
-#[tracing::instrument(skip_all, fields(user_id = %user))]
+#[tracing::instrument(skip_all)]
 pub async fn wallet(
     caller: Caller,
     State(state): State<AppState>,

@@ -129,9 +129,13 @@ pub fn read_file(path: &Path) -> anyhow::Result<FenceSet> {
     Ok(FenceSet { stem: "file".into(), fences, bounds })
 }
 
-/// The campaign documents holding `set`: `loadgen-<stem>-<i>`, enter trigger, no caps beyond
-/// API.md's defaults.
-pub fn campaign_docs(set: FenceSet) -> Vec<(String, Value)> {
+/// The campaign documents holding `set`: `loadgen-<stem>-<i>`, an enter trigger (or, with
+/// `dwell_s`, a dwell trigger of that many seconds), no caps beyond API.md's defaults.
+pub fn campaign_docs(set: FenceSet, dwell_s: Option<u64>) -> Vec<(String, Value)> {
+    let trigger = match dwell_s {
+        Some(dwell_s) => json!({"on": "dwell", "dwell_s": dwell_s}),
+        None => json!({"on": "enter"}),
+    };
     let mut docs = Vec::new();
     let mut fences = set.fences.into_iter().peekable();
     while fences.peek().is_some() {
@@ -142,7 +146,7 @@ pub fn campaign_docs(set: FenceSet) -> Vec<(String, Value)> {
             "name": format!("kabao loadgen: {} fences", chunk.len()),
             "coupon": {"title": "loadgen"},
             "fences": chunk,
-            "trigger": {"on": "enter"},
+            "trigger": trigger.clone(),
         });
         docs.push((id, doc));
     }
@@ -155,10 +159,13 @@ mod tests {
 
     #[test]
     fn generated_fences_are_grouped_into_campaigns() {
-        let docs = campaign_docs(generate(FENCES_PER_CAMPAIGN + 5, ShapeKind::Circle, AreaKind::City, 1));
+        let docs = campaign_docs(generate(FENCES_PER_CAMPAIGN + 5, ShapeKind::Circle, AreaKind::City, 1), None);
         assert_eq!(docs.len(), 2);
         assert_eq!(docs[0].0, "loadgen-city-circles-0");
         assert_eq!(docs[1].1["fences"].as_array().unwrap().len(), 5);
+        assert_eq!(docs[0].1["trigger"], json!({"on": "enter"}));
+        let dwelling = campaign_docs(generate(1, ShapeKind::Circle, AreaKind::City, 1), Some(600));
+        assert_eq!(dwelling[0].1["trigger"], json!({"on": "dwell", "dwell_s": 600}));
         let polygons = generate(3, ShapeKind::Polygon, AreaKind::Country, 1);
         let ring = polygons.fences[0]["coordinates"][0].as_array().unwrap();
         assert!(ring.len() >= 5);

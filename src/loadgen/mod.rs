@@ -33,7 +33,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::engine::now_ms;
 use fences::{AreaKind, ShapeKind};
-use report::{LoadResult, Percentiles, Second};
+use report::{LoadResult, Minute, Percentiles, Second};
 use schedule::Schedule;
 use workload::{Columns, ConnectionWork, Credentials, Population};
 
@@ -110,6 +110,11 @@ pub struct LoadgenArgs {
     /// Simulated users (moving over the fences' area; ignored with a trajectory).
     #[arg(long, default_value_t = 10_000)]
     pub users: usize,
+    /// Users leaving per second, each replaced by a new user under a new id (simulated users
+    /// from a fresh place, tracks from their start): ids keep changing, as in production. 0 = the
+    /// same users throughout.
+    #[arg(long, default_value_t = 0.0, value_name = "N")]
+    pub user_churn_per_s: f64,
     /// Seed of the simulated users and generated fences (same seed, same workload).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -133,6 +138,10 @@ pub struct LoadgenArgs {
     /// Shape of the generated fences: circles 50 m–2 km, or small polygons.
     #[arg(long, value_enum, default_value = "circle")]
     pub shape: ShapeKind,
+    /// The registered fences' campaigns trigger on a dwell of this many seconds instead of on
+    /// enter (a dwell longer than the users stay issues nothing, while their stays are tracked).
+    #[arg(long, value_name = "SECONDS")]
+    pub dwell_s: Option<u64>,
     /// First register the fences of this file: CSV `lon,lat,radius_m` or GeoJSON polygons.
     #[arg(long, value_name = "FILE")]
     pub fences_file: Option<PathBuf>,
@@ -213,7 +222,7 @@ pub async fn execute(args: &LoadgenArgs) -> anyhow::Result<LoadResult> {
     if let Some(set) = fence_set {
         let token = args.admin_token.as_deref().context("creating fences needs --admin-token")?;
         area = set.bounds;
-        register(&args.url, token, set, args.quiet).await?;
+        register(&args.url, token, set, args.dwell_s, args.quiet).await?;
     }
 
     let population = match (&args.trajectory, &args.plt) {
@@ -225,7 +234,13 @@ pub async fn execute(args: &LoadgenArgs) -> anyhow::Result<LoadResult> {
         Population::Simulated { users, .. } => *users,
         Population::Tracks(tracks) => tracks.len(),
     };
-    let work = workload::split(population, args.connections, &credentials, args.batch, now_ms())?;
+    if !(args.user_churn_per_s.is_finite() && args.user_churn_per_s >= 0.0) {
+        bail!("--user-churn-per-s must be a number ≥ 0");
+    }
+    let mut work = workload::split(population, args.connections, &credentials, args.batch, now_ms())?;
+    // Users are dealt round-robin, so every connection holds the same share of them.
+    let shares = work.len() as f64;
+    work.iter_mut().for_each(|w| w.set_churn(args.user_churn_per_s / shares));
 
     let schedule = Schedule {
         rate: match args.rate {
@@ -280,12 +295,18 @@ fn progress_bar(quiet: bool, end: Duration) -> ProgressBar {
 }
 
 /// Registers `set` as campaigns: `PUT` (replace) first, `POST` when it does not exist yet.
-async fn register(url: &str, token: &str, set: fences::FenceSet, quiet: bool) -> anyhow::Result<()> {
+async fn register(
+    url: &str,
+    token: &str,
+    set: fences::FenceSet,
+    dwell_s: Option<u64>,
+    quiet: bool,
+) -> anyhow::Result<()> {
     let total = set.fences.len();
     let http = reqwest::Client::builder().timeout(Duration::from_secs(600)).build()?;
     let base = url.trim_end_matches('/');
     let started = Instant::now();
-    for (id, doc) in fences::campaign_docs(set) {
+    for (id, doc) in fences::campaign_docs(set, dwell_s) {
         let body = serde_json::to_vec(&doc)?;
         let put = http
             .put(format!("{base}/v1/campaigns/{id}"))
@@ -332,6 +353,8 @@ struct Tally {
     errors: BTreeMap<String, u64>,
     /// Offset from the run's start of the last measured answer.
     last_done: Duration,
+    /// Users replaced by churn (warm-up included).
+    churned: u64,
 }
 
 /// Latencies in µs, 1 µs to an hour. Fixed bounds (not auto-resizing): `saturating_record`
@@ -374,6 +397,7 @@ impl Tally {
             *self.errors.entry(k).or_default() += v;
         }
         self.last_done = self.last_done.max(other.last_done);
+        self.churned += other.churned;
     }
 
     fn result(self, args: &LoadgenArgs, schedule: &Schedule, users: usize, credentials: Credentials) -> LoadResult {
@@ -390,6 +414,8 @@ impl Tally {
                 Credentials::Client(_) => "client",
             },
             users,
+            user_churn_per_s: args.user_churn_per_s,
+            users_churned: self.churned,
             warmup_s: schedule.warmup.as_secs_f64(),
             duration_s: schedule.duration.as_secs_f64(),
             elapsed_s: elapsed,
@@ -404,6 +430,16 @@ impl Tally {
             pings_per_s: self.pings as f64 / elapsed,
             latency_ms: Percentiles::of(&latency),
             distribution: report::distribution(&latency),
+            minutes: self
+                .per_second
+                .chunks(60)
+                .enumerate()
+                .map(|(i, seconds)| {
+                    let mut h = histogram(2);
+                    seconds.iter().for_each(|s| h.add(s).expect("histograms of the same kind add"));
+                    Minute { minute: i as u64, requests: h.len(), latency_ms: Percentiles::of(&h) }
+                })
+                .collect(),
             timeline: self
                 .per_second
                 .iter()
@@ -464,6 +500,7 @@ async fn connection(
             }
         }
     }
+    tally.churned = work.churned();
     tally
 }
 

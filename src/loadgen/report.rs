@@ -53,6 +53,18 @@ pub struct Second {
     pub latency_ms: Percentiles,
 }
 
+/// One minute of the measured window (its seconds' latencies together: percentiles of a
+/// minute cannot be had from those of its seconds).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Minute {
+    /// Minutes since the window started.
+    pub minute: u64,
+    /// Requests due (open loop) or sent (closed loop) in it that were answered.
+    pub requests: u64,
+    /// Their latency.
+    pub latency_ms: Percentiles,
+}
+
 /// A point of the latency distribution: this percentile is at most this many ms.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DistributionPoint {
@@ -77,8 +89,12 @@ pub struct LoadResult {
     pub batch: usize,
     /// `admin` or `client` (a JWT per user).
     pub auth: &'static str,
-    /// Users the pings came from.
+    /// Users the pings came from (at any one time, with churn).
     pub users: usize,
+    /// Users replaced per second (`--user-churn-per-s`).
+    pub user_churn_per_s: f64,
+    /// Users replaced over the run (warm-up included).
+    pub users_churned: u64,
     /// Warm-up, seconds (sent, not recorded).
     pub warmup_s: f64,
     /// Measured window, seconds.
@@ -108,6 +124,8 @@ pub struct LoadResult {
     pub latency_ms: Percentiles,
     /// Latency by percentile, for plotting.
     pub distribution: Vec<DistributionPoint>,
+    /// Latency per minute of the window (the last one may be partial).
+    pub minutes: Vec<Minute>,
     /// Latency per second of the window.
     pub timeline: Vec<Second>,
 }
@@ -138,12 +156,17 @@ impl LoadResult {
         };
         let _ = writeln!(
             s,
-            "{}: {rate}, {} connections, {} ping{} per request, {} users, {} auth; {:.1} s measured after {:.1} s warm-up",
+            "{}: {rate}, {} connections, {} ping{} per request, {} users{}, {} auth; {:.1} s measured after {:.1} s warm-up",
             self.url,
             self.connections,
             self.batch,
             if self.batch == 1 { "" } else { "s" },
             self.users,
+            if self.user_churn_per_s > 0.0 {
+                format!(" ({} replaced by new ones at {}/s)", self.users_churned, self.user_churn_per_s)
+            } else {
+                String::new()
+            },
             self.auth,
             self.duration_s,
             self.warmup_s
@@ -346,6 +369,8 @@ mod tests {
             batch: 1,
             auth: "admin",
             users: 1,
+            user_churn_per_s: 0.0,
+            users_churned: 0,
             warmup_s: 0.0,
             duration_s: 1.0,
             elapsed_s: 1.0,
@@ -360,6 +385,7 @@ mod tests {
             pings_per_s: 99.0,
             latency_ms: p,
             distribution: d,
+            minutes: vec![Minute { minute: 0, requests: 100, latency_ms: Percentiles::of(&h) }],
             timeline: vec![Second { second: 0, requests: 100, latency_ms: Percentiles::of(&h) }],
         };
         assert!(result.summary().contains("503 × 1"));

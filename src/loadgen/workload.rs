@@ -6,6 +6,12 @@
 //! last point lands just before the run starts (so every `ts_ms` is inside the server's window
 //! and the speeds between points are the recorded ones). A user whose points are all sent starts
 //! again as a new user (`id~1`, `id~2`, …), because its old timestamps would now be stale.
+//!
+//! With churn ([`ConnectionWork::set_churn`]) users keep leaving and new ones arriving: each
+//! second a set number of users, the longest-present first, is replaced by a new user under a
+//! new id (`id~n`), a simulated one starting from a fresh random place, a track from its start.
+//! The server then keeps meeting ids it never saw while those it knew go quiet, as in
+//! production, which is what freeing idle trigger state is for.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -193,8 +199,6 @@ enum Motion {
         next: usize,
         /// Added to every recorded time.
         shift_ms: i64,
-        /// How often the user has started over.
-        pass: u32,
     },
 }
 
@@ -204,6 +208,8 @@ struct User {
     base_id: String,
     /// The id it sends as now (`base_id`, or `base_id~pass` once it started over).
     id: String,
+    /// How often the user has started over (a track sent whole, or replaced by churn).
+    pass: u32,
     /// `Bearer …` for its client JWT (client mode only).
     bearer: Option<String>,
     motion: Motion,
@@ -218,6 +224,14 @@ pub struct ConnectionWork {
     /// `Bearer <admin token>`, built once.
     admin_bearer: Option<String>,
     batch: usize,
+    /// Where simulated users move (new users of churn start in it).
+    area: Option<(f64, f64, f64, f64)>,
+    /// Users this connection replaces per second (see the module doc).
+    churn_per_s: f64,
+    /// The time of the first request (churn counts from it), ms.
+    churn_origin_ms: Option<i64>,
+    /// Users replaced so far; the next to go is `churned % users.len()`.
+    churned: u64,
 }
 
 /// One request ready to send.
@@ -256,9 +270,9 @@ pub fn split(
 ) -> anyhow::Result<Vec<ConnectionWork>> {
     let connections = connections.max(1);
     let mut users: Vec<Vec<User>> = (0..connections).map(|_| Vec::new()).collect();
-    let seed = match &population {
-        Population::Simulated { seed, .. } => *seed,
-        Population::Tracks(_) => 0,
+    let (seed, area) = match &population {
+        Population::Simulated { seed, area, .. } => (*seed, Some(*area)),
+        Population::Tracks(_) => (0, None),
     };
     match population {
         Population::Simulated { users: n, area, seed } => {
@@ -269,7 +283,7 @@ pub fn split(
             for u in 0..n {
                 let id = format!("lg-{u:07}");
                 let motion = Motion::Simulated(Mover::new(&mut rng, area));
-                users[u % connections].push(User { base_id: id.clone(), id, bearer: None, motion });
+                users[u % connections].push(User { base_id: id.clone(), id, pass: 0, bearer: None, motion });
             }
         }
         Population::Tracks(tracks) => {
@@ -277,8 +291,8 @@ pub fn split(
             for (id, points) in tracks {
                 let Some(last) = points.last() else { continue };
                 let shift_ms = start_ms - 1_000 - last.ts_ms;
-                let motion = Motion::Track { points: Arc::new(points), next: 0, shift_ms, pass: 0 };
-                users[k % connections].push(User { base_id: id.clone(), id, bearer: None, motion });
+                let motion = Motion::Track { points: Arc::new(points), next: 0, shift_ms };
+                users[k % connections].push(User { base_id: id.clone(), id, pass: 0, bearer: None, motion });
                 k += 1;
             }
             if k == 0 {
@@ -306,6 +320,10 @@ pub fn split(
             credentials: credentials.clone(),
             admin_bearer: admin_bearer.clone(),
             batch: batch.max(1),
+            area,
+            churn_per_s: 0.0,
+            churn_origin_ms: None,
+            churned: 0,
         })
         .collect())
 }
@@ -316,10 +334,58 @@ impl ConnectionWork {
         self.users.len()
     }
 
+    /// Replaces `per_s` of this connection's users per second (fractions add up over time),
+    /// counted from its first request.
+    pub fn set_churn(&mut self, per_s: f64) {
+        self.churn_per_s = if per_s.is_finite() { per_s.max(0.0) } else { 0.0 };
+    }
+
+    /// Users replaced by churn so far.
+    pub fn churned(&self) -> u64 {
+        self.churned
+    }
+
+    /// Replaces the users due to leave by `now_ms` with new ones.
+    fn churn(&mut self, now_ms: i64) {
+        if self.churn_per_s <= 0.0 {
+            return;
+        }
+        let origin = *self.churn_origin_ms.get_or_insert(now_ms);
+        let due = ((now_ms - origin).max(0) as f64 / 1000.0 * self.churn_per_s) as u64;
+        while self.churned < due {
+            let u = (self.churned % self.users.len() as u64) as usize;
+            self.churned += 1;
+            self.restart(u, now_ms);
+        }
+    }
+
+    /// Makes user `u` a new user: a new id (and JWT), from a fresh start.
+    fn restart(&mut self, u: usize, now_ms: i64) {
+        let user = &mut self.users[u];
+        user.pass += 1;
+        user.id = format!("{}~{}", user.base_id, user.pass);
+        match &mut user.motion {
+            Motion::Simulated(mover) => {
+                if let Some(area) = self.area {
+                    *mover = Mover::new(&mut self.rng, area);
+                }
+            }
+            Motion::Track { points, next, shift_ms } => {
+                // Shifted to end where the run is now, so its timestamps are fresh.
+                *next = 0;
+                *shift_ms = now_ms - 1_000 - points.last().map_or(0, |p| p.ts_ms);
+            }
+        }
+        if let Credentials::Client(key) = &self.credentials {
+            user.bearer = Some(format!("Bearer {}", client_jwt(key, &user.id, now_ms / 1000)));
+        }
+    }
+
     /// The next request, its pings stamped at `now_ms` (simulated users) or their shifted
     /// recorded times (tracks). With the admin token a batch takes the next users in turn; with
     /// client JWTs it is the next user's next pings.
     pub fn next_request(&mut self, now_ms: i64) -> Request {
+        self.churn(now_ms);
         let mut body = Vec::with_capacity(if self.batch == 1 { 128 } else { 16 + self.batch * 110 });
         if self.batch > 1 {
             body.extend_from_slice(b"{\"pings\":[");
@@ -361,21 +427,14 @@ impl ConnectionWork {
     }
 
     fn ping_of(&mut self, u: usize, now_ms: i64) -> SimPing {
+        if matches!(&self.users[u].motion, Motion::Track { points, next, .. } if *next == points.len()) {
+            // Its timestamps would be stale now: start over as a new user.
+            self.restart(u, now_ms);
+        }
         let user = &mut self.users[u];
         match &mut user.motion {
             Motion::Simulated(mover) => mover.step(&mut self.rng, &user.id, now_ms),
-            Motion::Track { points, next, shift_ms, pass } => {
-                if *next == points.len() {
-                    // Its timestamps would be stale now: start over as a new user, shifted to
-                    // end where the run is now.
-                    *next = 0;
-                    *pass += 1;
-                    *shift_ms = now_ms - 1_000 - points[points.len() - 1].ts_ms;
-                    user.id = format!("{}~{}", user.base_id, pass);
-                    if let Credentials::Client(key) = &self.credentials {
-                        user.bearer = Some(format!("Bearer {}", client_jwt(key, &user.id, now_ms / 1000)));
-                    }
-                }
+            Motion::Track { points, next, shift_ms } => {
                 let p = points[*next];
                 *next += 1;
                 SimPing {
@@ -492,5 +551,39 @@ mod tests {
         assert_eq!(ids_and_ts[1], ("a".into(), start - 1_000));
         // Started over at the time of the request, as a user with no stale state.
         assert_eq!(ids_and_ts[2], ("a~1".into(), start + 5_000 - 61_000));
+    }
+
+    #[test]
+    fn churn_replaces_the_longest_present_users_at_its_rate() {
+        let population = Population::Simulated { users: 4, area: (39.7, 40.1, 116.1, 116.7), seed: 1 };
+        let key = Arc::new(jsonwebtoken::EncodingKey::from_secret(b"s"));
+        let mut work = split(population, 1, &Credentials::Client(key), 1, 1_700_000_000_000).unwrap();
+        let work = &mut work[0];
+        work.set_churn(2.0);
+        let start = 1_700_000_000_000;
+        let sent = |work: &mut ConnectionWork, at_ms: i64| {
+            let request = work.next_request(at_ms);
+            let doc: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+            (doc["user_id"].as_str().unwrap().to_owned(), request.bearer)
+        };
+        let first: Vec<(String, String)> = (0..4).map(|_| sent(work, start)).collect();
+        assert_eq!(
+            first.iter().map(|(u, _)| u.as_str()).collect::<Vec<_>>(),
+            ["lg-0000000", "lg-0000001", "lg-0000002", "lg-0000003"]
+        );
+        // 1.5 s at 2 per second: 3 users left, the first three, and new ones took their places.
+        let later: Vec<(String, String)> = (0..4).map(|_| sent(work, start + 1_500)).collect();
+        assert_eq!(
+            later.iter().map(|(u, _)| u.as_str()).collect::<Vec<_>>(),
+            ["lg-0000000~1", "lg-0000001~1", "lg-0000002~1", "lg-0000003"]
+        );
+        // A new user has its own JWT.
+        assert_ne!(later[0].1, first[0].1);
+        assert_eq!(later[3].1, first[3].1);
+        assert_eq!(work.churned(), 3);
+        // Two seconds later: five more; the cursor wraps round to the users replaced first.
+        let again: Vec<String> = (0..4).map(|_| sent(work, start + 4_000).0).collect();
+        assert_eq!(again, ["lg-0000000~2", "lg-0000001~2", "lg-0000002~2", "lg-0000003~2"]);
+        assert_eq!(work.churned(), 8);
     }
 }
