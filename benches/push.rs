@@ -15,8 +15,12 @@
 //!    second (in 1 ms ticks) for `SECONDS`; each push's latency is the fake's receipt time
 //!    minus the moment its coupon's commit returned.
 //!
+//! The fake keeps a receipt per push (`--record receipts`) rather than every request whole,
+//! unless `KABAO_BENCH_RECORD=full`.
+//!
 //! `cargo bench --bench push` (env `KABAO_BENCH_PUSHES`, `KABAO_BENCH_RATE`,
-//! `KABAO_BENCH_SECONDS`, `KABAO_BENCH_CONCURRENCY`; results: BENCHMARKS.md "Push").
+//! `KABAO_BENCH_SECONDS`, `KABAO_BENCH_CONCURRENCY`, `KABAO_BENCH_CONNECTIONS` (default: API.md's
+//! `push_connections`), `KABAO_BENCH_RECORD`; results: BENCHMARKS.md "Push").
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,7 +31,7 @@ use kabao::config::PushConfig;
 use kabao::dispatch::providers_from_config;
 use kabao::dispatch::worker::{DispatchConfig, Dispatcher};
 use kabao::domain::{CampaignDoc, CampaignId, Caps, CouponId, DeviceId, FenceId, UserId};
-use kabao::fakepush::{self, FakePush, FakePushConfig};
+use kabao::fakepush::{self, FakePush, FakePushConfig, Record};
 use kabao::store::memory::MemoryStore;
 use kabao::store::{
     CampaignStore, Device, DeviceStore, IssueCandidate, IssueRequest, IssueStore, IssuedCoupon, OutboxStore, Platform,
@@ -110,11 +114,20 @@ async fn main() -> anyhow::Result<()> {
     let rate: usize = env_or("KABAO_BENCH_RATE", 20_000);
     let seconds: usize = env_or("KABAO_BENCH_SECONDS", 5);
     let concurrency: usize = env_or("KABAO_BENCH_CONCURRENCY", 256);
+    let connections: usize = env_or("KABAO_BENCH_CONNECTIONS", PushConfig::default().connections_per_provider);
+    let record = match std::env::var("KABAO_BENCH_RECORD").as_deref() {
+        Ok("full") => Record::Full,
+        _ => Record::Receipts,
+    };
     let users = pushes.max(rate);
 
     let dir = std::env::temp_dir().join(format!("kabao-bench-push-{}", std::process::id()));
-    let fake = fakepush::start(FakePushConfig::for_tests(&dir)).await?;
-    let push = PushConfig { concurrency_per_provider: concurrency, ..fake.push_config() };
+    let fake = fakepush::start(FakePushConfig { record, ..FakePushConfig::for_tests(&dir) }).await?;
+    let push = PushConfig {
+        concurrency_per_provider: concurrency,
+        connections_per_provider: connections,
+        ..fake.push_config()
+    };
     let store = Arc::new(MemoryStore::new());
     let providers = providers_from_config(&push, store.clone())?;
     let doc: CampaignDoc = serde_json::from_value(serde_json::json!({
@@ -148,7 +161,8 @@ async fn main() -> anyhow::Result<()> {
     until_accepted(&fake, pushes).await;
     let elapsed = started.elapsed();
     println!(
-        "throughput: {pushes} pushes (half FCM, half APNs) in {:.2} s = {:.0} pushes/s (concurrency {concurrency} per provider)",
+        "throughput: {pushes} pushes (half FCM, half APNs) in {:.2} s = {:.0} pushes/s \
+         (concurrency {concurrency}, {connections} connections per provider; the fake records {record:?})",
         elapsed.as_secs_f64(),
         pushes as f64 / elapsed.as_secs_f64()
     );
@@ -156,8 +170,11 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
-    let token_requests = fake.received_by("oauth").len();
-    println!("token endpoint requests: {token_requests} (access tokens are reused)");
+    let stats = fake.stats();
+    println!(
+        "token endpoint requests: {} (access tokens are reused); TLS connections the fake accepted: {}",
+        stats.oauth.requests, stats.connections
+    );
 
     // 2. Latency under a steady load.
     fake.clear_received();
@@ -189,12 +206,8 @@ async fn main() -> anyhow::Result<()> {
     until_accepted(&fake, pushes + sent).await;
     let drained = load_started.elapsed();
     let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    for r in fake.received().iter().filter(|r| r.status == 200 && r.provider != "oauth") {
-        let coupon = match r.provider.as_str() {
-            "fcm" => r.body["message"]["data"]["coupon_id"].as_str(),
-            _ => r.body["coupon_id"].as_str(),
-        };
-        if let Some(at) = coupon.and_then(|c| issued_at_us.get(c)) {
+    for r in fake.receipts() {
+        if let Some(at) = issued_at_us.get(&r.coupon_id) {
             latency.record((r.received_at_us - at).max(1) as u64)?;
         }
     }

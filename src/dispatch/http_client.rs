@@ -1,8 +1,14 @@
 //! The HTTPS client the push providers share the shape of: rustls with the webpki roots, plus the
 //! CA of `KABAO_PUSH_CA_FILE` when given (a local fake, a corporate proxy), and a deadline on
 //! every request so a provider that stops answering costs one retry, not a stuck dispatcher.
+//!
+//! A provider sends over several connections ([`Connections`]): reqwest keeps one HTTP/2
+//! connection per host and client, and one connection's frames are read and written by one task
+//! on each side, which capped a provider at about one core's worth of pushes (BENCHMARKS.md
+//! "Push"). Apple recommends many connections for volume, and FCM takes them too.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -51,6 +57,67 @@ pub fn build(
     builder.build().context("building the push HTTPS client")
 }
 
+/// `count` HTTPS clients, each with a connection of its own, and each send on the one with the
+/// fewest requests in flight (ties in turn, so even one push at a time uses them all and every
+/// connection stays warm). Credentials live in the provider, shared by every connection.
+#[derive(Debug)]
+pub struct Connections {
+    clients: Vec<(reqwest::Client, AtomicUsize)>,
+    /// Where the next search for the least busy starts.
+    next: AtomicUsize,
+}
+
+impl Connections {
+    /// `count` (at least 1) clients as [`build`] makes them.
+    pub fn build(
+        count: usize,
+        extra_roots: &[reqwest::Certificate],
+        http2_only: bool,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let clients = (0..count.max(1))
+            .map(|_| Ok((build(extra_roots, http2_only, timeout)?, AtomicUsize::new(0))))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self { clients, next: AtomicUsize::new(0) })
+    }
+
+    /// The least busy connection, counted busy until the returned [`InFlight`] is dropped (hold
+    /// it until the reply's body is read).
+    pub fn pick(&self) -> InFlight<'_> {
+        let n = self.clients.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let mut best = start;
+        let mut best_load = usize::MAX;
+        for offset in 0..n {
+            let i = (start + offset) % n;
+            let load = self.clients[i].1.load(Ordering::Relaxed);
+            if load < best_load {
+                (best, best_load) = (i, load);
+                if load == 0 {
+                    break;
+                }
+            }
+        }
+        let (client, in_flight) = &self.clients[best];
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight { client, in_flight }
+    }
+}
+
+/// One request's hold on a connection of [`Connections`].
+#[derive(Debug)]
+pub struct InFlight<'a> {
+    /// The client to send with.
+    pub client: &'a reqwest::Client,
+    in_flight: &'a AtomicUsize,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A `Retry-After` header in whole seconds (the form FCM and APNs send; an HTTP-date is ignored).
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
@@ -68,4 +135,34 @@ pub fn describe(error: &reqwest::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The index of the client a hold is on.
+    fn index(connections: &Connections, held: &InFlight<'_>) -> usize {
+        connections.clients.iter().position(|(c, _)| std::ptr::eq(c, held.client)).unwrap()
+    }
+
+    #[test]
+    fn each_send_goes_on_the_least_busy_connection_idle_ones_in_turn() {
+        let connections = Connections::build(3, &[], true, Duration::from_secs(1)).unwrap();
+        // One at a time: every connection idle, so they take turns.
+        let turns: Vec<usize> = (0..6).map(|_| index(&connections, &connections.pick())).collect();
+        assert_eq!(turns, [0, 1, 2, 0, 1, 2]);
+        // Held: each new send goes where fewest are in flight.
+        let a = connections.pick();
+        let b = connections.pick();
+        let c = connections.pick();
+        let mut busy: Vec<usize> = [&a, &b, &c].iter().map(|h| index(&connections, h)).collect();
+        busy.sort_unstable();
+        assert_eq!(busy, [0, 1, 2], "three sends in flight, one on each connection");
+        let freed = index(&connections, &b);
+        drop(b);
+        let d = connections.pick();
+        assert_eq!(index(&connections, &d), freed, "the one with nothing in flight");
+        assert_eq!(Connections::build(0, &[], false, Duration::from_secs(1)).unwrap().clients.len(), 1);
+    }
 }
