@@ -214,6 +214,35 @@ async fn each_provider_sends_over_as_many_connections_as_configured_with_one_tok
 }
 
 #[tokio::test]
+async fn a_burst_on_cold_connections_opens_only_the_configured_ones() {
+    let clock = ManualClock::new();
+    let fake = fake(clock.clone()).await;
+    let fcm = Arc::new(
+        FcmProvider::new(FcmSettings { connections: 3, ..fcm_settings(&fake, clock.clone(), TIMEOUT) }).unwrap(),
+    );
+    let apns =
+        Arc::new(ApnsProvider::new(ApnsSettings { connections: 3, ..apns_settings(&fake, clock.clone()) }).unwrap());
+    // Every send at once, before any connection has answered: FCM's client learns HTTP/2 only
+    // from a connection's ALPN, so without the first request going alone each would dial its own.
+    let sends = (0..64).map(|i| {
+        let (fcm, apns) = (fcm.clone(), apns.clone());
+        tokio::spawn(async move {
+            if i % 2 == 0 {
+                fcm.send(&device(Platform::Fcm), &coupon(None)).await
+            } else {
+                apns.send(&device(Platform::Apns), &coupon(None)).await
+            }
+        })
+    });
+    for outcome in futures::future::join_all(sends).await {
+        assert_eq!(outcome.unwrap(), PushOutcome::Delivered);
+    }
+    let stats = fake.stats();
+    assert_eq!((stats.fcm.accepted, stats.apns.accepted, stats.oauth.requests), (32, 32, 1));
+    assert_eq!(stats.connections, 6, "three per provider");
+}
+
+#[tokio::test]
 async fn an_fcm_401_drops_the_token_and_the_next_attempt_gets_a_new_one() {
     let clock = ManualClock::new();
     let fake = fake(clock.clone()).await;

@@ -359,7 +359,7 @@ impl PushProvider for ApnsProvider {
             Ok(jwt) => jwt,
             Err(reason) => return PushOutcome::retry(reason),
         };
-        let connection = self.connections.pick();
+        let connection = self.connections.pick().await;
         let mut builder = connection
             .client
             .post(self.url(&request.path))

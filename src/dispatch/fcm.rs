@@ -220,7 +220,7 @@ impl FcmProvider {
         header.kid = self.key.private_key_id.clone();
         let assertion = jsonwebtoken::encode(&header, &claims, &self.signing_key)
             .map_err(|e| TokenError { reason: format!("signing the OAuth2 assertion: {e}"), retry_after: None })?;
-        let connection = self.connections.pick();
+        let connection = self.connections.pick().await;
         let reply = connection
             .client
             .post(&self.key.token_uri)
@@ -327,7 +327,7 @@ impl PushProvider for FcmProvider {
             Err(e) => return PushOutcome::Retry { reason: e.reason, retry_after: e.retry_after },
         };
         let body = payload::fcm_body(&device.token, coupon, unix_ms(self.clock.now()));
-        let connection = self.connections.pick();
+        let connection = self.connections.pick().await;
         let reply = connection
             .client
             .post(self.send_url.clone())
