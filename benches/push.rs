@@ -15,8 +15,12 @@
 //!    second (in 1 ms ticks) for `SECONDS`; each push's latency is the fake's receipt time
 //!    minus the moment its coupon's commit returned.
 //!
+//! The fake keeps a receipt per push (`--record receipts`) rather than every request whole,
+//! unless `KABAO_BENCH_RECORD=full`.
+//!
 //! `cargo bench --bench push` (env `KABAO_BENCH_PUSHES`, `KABAO_BENCH_RATE`,
-//! `KABAO_BENCH_SECONDS`, `KABAO_BENCH_CONCURRENCY`; results: BENCHMARKS.md "Push").
+//! `KABAO_BENCH_SECONDS`, `KABAO_BENCH_CONCURRENCY`, `KABAO_BENCH_CONNECTIONS` (default: API.md's
+//! `push_connections`), `KABAO_BENCH_RECORD`; results: BENCHMARKS.md "Push").
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,7 +31,7 @@ use kabao::config::PushConfig;
 use kabao::dispatch::providers_from_config;
 use kabao::dispatch::worker::{DispatchConfig, Dispatcher};
 use kabao::domain::{CampaignDoc, CampaignId, Caps, CouponId, DeviceId, FenceId, UserId};
-use kabao::fakepush::{self, FakePush, FakePushConfig};
+use kabao::fakepush::{self, FakePush, FakePushConfig, Record};
 use kabao::store::memory::MemoryStore;
 use kabao::store::{
     CampaignStore, Device, DeviceStore, IssueCandidate, IssueRequest, IssueStore, IssuedCoupon, OutboxStore, Platform,
@@ -94,6 +98,47 @@ async fn issue(store: &MemoryStore, campaign: &CampaignId, users: std::ops::Rang
     }
 }
 
+/// CPU time (user + system, in seconds) this process's threads have used so far: the fake's
+/// (its own runtime's threads, named `fake-push`) and the rest (kabao's dispatcher and clients,
+/// the bench's issuing). Read from `/proc/self/task/*/stat` at Linux's 100 ticks per second.
+fn cpu_seconds() -> (f64, f64) {
+    let (mut fake, mut rest) = (0u64, 0u64);
+    for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let path = task.path();
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else { continue };
+        // After the `(name)`, which may hold spaces, come state (field 3) … utime (14), stime (15).
+        let Some((_, after)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        let ticks = tick(11) + tick(12);
+        if std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.trim() == "fake-push") {
+            fake += ticks;
+        } else {
+            rest += ticks;
+        }
+    }
+    (fake as f64 / 100.0, rest as f64 / 100.0)
+}
+
+/// The CPU spent since `since` (a [`cpu_seconds`] reading) on `pushes` pushes.
+fn report_cpu(phase: &str, since: (f64, f64), wall: Duration, pushes: usize) {
+    let now = cpu_seconds();
+    let (fake, rest) = (now.0 - since.0, now.1 - since.1);
+    let per_push = |s: f64| s * 1e6 / pushes as f64;
+    println!(
+        "  {phase} CPU: {:.2} s in {:.2} s wall ({:.0} % of one core); kabao + bench {:.2} s ({:.1} µs/push), \
+         the fake {:.2} s ({:.1} µs/push, {:.0} % of the CPU used)",
+        fake + rest,
+        wall.as_secs_f64(),
+        (fake + rest) * 100.0 / wall.as_secs_f64(),
+        rest,
+        per_push(rest),
+        fake,
+        per_push(fake),
+        fake * 100.0 / (fake + rest).max(f64::MIN_POSITIVE),
+    );
+}
+
 /// Waits until the fake has accepted `expected` pushes since it started.
 async fn until_accepted(fake: &FakePush, expected: usize) {
     loop {
@@ -110,11 +155,24 @@ async fn main() -> anyhow::Result<()> {
     let rate: usize = env_or("KABAO_BENCH_RATE", 20_000);
     let seconds: usize = env_or("KABAO_BENCH_SECONDS", 5);
     let concurrency: usize = env_or("KABAO_BENCH_CONCURRENCY", 256);
+    let connections: usize = env_or("KABAO_BENCH_CONNECTIONS", PushConfig::default().connections_per_provider);
+    let record = match std::env::var("KABAO_BENCH_RECORD").as_deref() {
+        Ok("full") => Record::Full,
+        _ => Record::Receipts,
+    };
     let users = pushes.max(rate);
 
     let dir = std::env::temp_dir().join(format!("kabao-bench-push-{}", std::process::id()));
-    let fake = fakepush::start(FakePushConfig::for_tests(&dir)).await?;
-    let push = PushConfig { concurrency_per_provider: concurrency, ..fake.push_config() };
+    // The fake on a runtime of its own, so that its CPU time can be told from kabao's.
+    let fake_runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("fake-push").enable_all().build()?;
+    let fake =
+        fake_runtime.spawn(fakepush::start(FakePushConfig { record, ..FakePushConfig::for_tests(&dir) })).await??;
+    let push = PushConfig {
+        concurrency_per_provider: concurrency,
+        connections_per_provider: connections,
+        ..fake.push_config()
+    };
     let store = Arc::new(MemoryStore::new());
     let providers = providers_from_config(&push, store.clone())?;
     let doc: CampaignDoc = serde_json::from_value(serde_json::json!({
@@ -144,20 +202,26 @@ async fn main() -> anyhow::Result<()> {
     let dispatch = DispatchConfig::from_push(&push);
     let dispatcher = Dispatcher::new(store.clone() as Arc<dyn Store>, providers, dispatch, "bench".into());
     let started = Instant::now();
+    let cpu = cpu_seconds();
     let running = tokio::spawn(dispatcher.run(issued.clone(), shutdown.clone()));
     until_accepted(&fake, pushes).await;
     let elapsed = started.elapsed();
     println!(
-        "throughput: {pushes} pushes (half FCM, half APNs) in {:.2} s = {:.0} pushes/s (concurrency {concurrency} per provider)",
+        "throughput: {pushes} pushes (half FCM, half APNs) in {:.2} s = {:.0} pushes/s \
+         (concurrency {concurrency}, {connections} connections per provider; the fake records {record:?})",
         elapsed.as_secs_f64(),
         pushes as f64 / elapsed.as_secs_f64()
     );
+    report_cpu("throughput", cpu, elapsed, pushes);
     while store.outbox_len().await? > 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
-    let token_requests = fake.received_by("oauth").len();
-    println!("token endpoint requests: {token_requests} (access tokens are reused)");
+    let stats = fake.stats();
+    println!(
+        "token endpoint requests: {} (access tokens are reused); TLS connections the fake accepted: {}",
+        stats.oauth.requests, stats.connections
+    );
 
     // 2. Latency under a steady load.
     fake.clear_received();
@@ -167,6 +231,7 @@ async fn main() -> anyhow::Result<()> {
     let mut ticks = tokio::time::interval(Duration::from_millis(1));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let load_started = Instant::now();
+    let cpu = cpu_seconds();
     let mut sent = 0;
     let mut tick = 0i64;
     while sent < total {
@@ -189,12 +254,8 @@ async fn main() -> anyhow::Result<()> {
     until_accepted(&fake, pushes + sent).await;
     let drained = load_started.elapsed();
     let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    for r in fake.received().iter().filter(|r| r.status == 200 && r.provider != "oauth") {
-        let coupon = match r.provider.as_str() {
-            "fcm" => r.body["message"]["data"]["coupon_id"].as_str(),
-            _ => r.body["coupon_id"].as_str(),
-        };
-        if let Some(at) = coupon.and_then(|c| issued_at_us.get(c)) {
+    for r in fake.receipts() {
+        if let Some(at) = issued_at_us.get(&r.coupon_id) {
             latency.record((r.received_at_us - at).max(1) as u64)?;
         }
     }
@@ -208,8 +269,10 @@ async fn main() -> anyhow::Result<()> {
         latency.max() as f64 / 1000.0,
         latency.len(),
     );
+    report_cpu("latency", cpu, drained, sent);
     shutdown.cancel();
     running.await?;
+    fake_runtime.shutdown_background();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

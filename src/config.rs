@@ -171,6 +171,10 @@ pub struct ServeArgs {
     /// Pushes in flight at once per provider (FCM, APNs), per node. Default 256.
     #[arg(long, env = "KABAO_PUSH_CONCURRENCY", value_name = "N")]
     pub push_concurrency: Option<usize>,
+    /// HTTPS connections per provider (FCM, APNs), per node; a push goes on the least busy.
+    /// Default 4.
+    #[arg(long, env = "KABAO_PUSH_CONNECTIONS", value_name = "N")]
+    pub push_connections: Option<usize>,
     /// Deadline of one request to a provider or token endpoint. Default 10000.
     #[arg(long, env = "KABAO_PUSH_TIMEOUT_MS", value_name = "MS")]
     pub push_timeout_ms: Option<u64>,
@@ -370,6 +374,9 @@ pub struct PushConfig {
     pub backoff_max: Duration,
     /// Pushes in flight at once per provider, per node (at least 1).
     pub concurrency_per_provider: usize,
+    /// HTTPS connections per provider, per node (at least 1): one HTTP/2 connection is one
+    /// task's worth of work on each side, which caps a provider's pushes per second.
+    pub connections_per_provider: usize,
     /// Deadline of one request to a provider or token endpoint; one that takes longer is a retry.
     pub request_timeout: Duration,
     /// How long an entry taken from the outbox stays leased to the node that took it (at least
@@ -395,6 +402,7 @@ impl Default for PushConfig {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(300),
             concurrency_per_provider: 256,
+            connections_per_provider: 4,
             request_timeout: Duration::from_secs(10),
             lease: Duration::from_secs(60),
         }
@@ -645,6 +653,7 @@ impl Config {
             backoff_base: pick!(push_backoff_base_ms).map(Duration::from_millis).unwrap_or(push_defaults.backoff_base),
             backoff_max: pick!(push_backoff_max_ms).map(Duration::from_millis).unwrap_or(push_defaults.backoff_max),
             concurrency_per_provider: pick!(push_concurrency).unwrap_or(push_defaults.concurrency_per_provider),
+            connections_per_provider: pick!(push_connections).unwrap_or(push_defaults.connections_per_provider),
             request_timeout: pick!(push_timeout_ms).map(Duration::from_millis).unwrap_or(push_defaults.request_timeout),
             lease: pick!(push_lease_ms).map(Duration::from_millis).unwrap_or(push_defaults.lease),
         };
@@ -656,6 +665,9 @@ impl Config {
         }
         if push.concurrency_per_provider == 0 {
             bail!("push_concurrency must be at least 1");
+        }
+        if push.connections_per_provider == 0 {
+            bail!("push_connections must be at least 1");
         }
         if push.request_timeout.is_zero() {
             bail!("push_timeout_ms must be at least 1");
@@ -969,6 +981,10 @@ mod tests {
         )
         .is_err());
         assert!(Config::resolve(args(&["--push-concurrency", "0"]), ServeArgs::default()).is_err());
+        assert_eq!(c.push.connections_per_provider, 4);
+        let c = Config::resolve(args(&["--push-connections", "2"]), ServeArgs::default()).unwrap();
+        assert_eq!(c.push.connections_per_provider, 2);
+        assert!(Config::resolve(args(&["--push-connections", "0"]), ServeArgs::default()).is_err());
         assert_eq!((c.push.request_timeout, c.push.lease), (Duration::from_secs(10), Duration::from_secs(60)));
         let c = Config::resolve(args(&["--push-timeout-ms", "1000", "--push-lease-ms", "3000"]), ServeArgs::default())
             .unwrap();

@@ -25,6 +25,8 @@ use support::scratch_dir;
 
 const APNS_TOKEN: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
 const FCM_TOKEN: &str = "fcm-token:APA91b-example_token";
+/// Connections per provider: API.md's default, what a node runs with.
+const CONNECTIONS: usize = 4;
 
 /// A fake on port 0 whose clock is `clock`.
 async fn fake(clock: SharedClock) -> FakePush {
@@ -36,15 +38,19 @@ fn roots(fake: &FakePush) -> Vec<reqwest::Certificate> {
 }
 
 fn fcm(fake: &FakePush, clock: SharedClock, timeout: Duration) -> FcmProvider {
-    FcmProvider::new(FcmSettings {
+    FcmProvider::new(fcm_settings(fake, clock, timeout)).unwrap()
+}
+
+fn fcm_settings(fake: &FakePush, clock: SharedClock, timeout: Duration) -> FcmSettings {
+    FcmSettings {
         key: ServiceAccountKey::from_file(&fake.service_account_path).unwrap(),
         project_id: fake.project_id.clone(),
         base_url: fake.base_url.clone(),
         extra_roots: roots(fake),
         timeout,
+        connections: CONNECTIONS,
         clock,
-    })
-    .unwrap()
+    }
 }
 
 fn apns(fake: &FakePush, clock: SharedClock, timeout: Duration) -> ApnsProvider {
@@ -62,6 +68,7 @@ fn apns_settings(fake: &FakePush, clock: SharedClock) -> ApnsSettings {
         base_url: fake.base_url.clone(),
         extra_roots: roots(fake),
         timeout: TIMEOUT,
+        connections: CONNECTIONS,
         clock,
         tokens: Arc::new(MemoryStore::new()),
     }
@@ -172,6 +179,67 @@ async fn concurrent_fcm_sends_share_one_token_request() {
     }
     assert_eq!(fake.received_by("oauth").len(), 1);
     assert_eq!(fake.received_by("fcm").len(), 16);
+}
+
+#[tokio::test]
+async fn each_provider_sends_over_as_many_connections_as_configured_with_one_token() {
+    let clock = ManualClock::new();
+    let fake = fake(clock.clone()).await;
+    let fcm = FcmProvider::new(FcmSettings { connections: 3, ..fcm_settings(&fake, clock.clone(), TIMEOUT) }).unwrap();
+    let apns = ApnsProvider::new(ApnsSettings { connections: 3, ..apns_settings(&fake, clock.clone()) }).unwrap();
+    // One at a time: the least busy connection is then always idle, and idle ones take turns.
+    for _ in 0..9 {
+        assert_eq!(fcm.send(&device(Platform::Fcm), &coupon(None)).await, PushOutcome::Delivered);
+        assert_eq!(apns.send(&device(Platform::Apns), &coupon(None)).await, PushOutcome::Delivered);
+    }
+    for provider in ["fcm", "apns"] {
+        let sent = fake.received_by(provider);
+        assert_eq!(sent.len(), 9);
+        let connections: HashSet<u64> = sent.iter().map(|r| r.connection).collect();
+        assert_eq!(connections.len(), 3, "{provider} used three connections: {connections:?}");
+        for connection in &connections {
+            let on_it = sent.iter().filter(|r| r.connection == *connection).count();
+            assert_eq!(on_it, 3, "{provider}: each connection carried a third of the pushes");
+        }
+        let tokens: HashSet<&String> = sent.iter().map(|r| &r.headers["authorization"]).collect();
+        assert_eq!(tokens.len(), 1, "{provider}: one token on every connection");
+    }
+    assert_eq!(fake.received_by("oauth").len(), 1, "one access token for every FCM connection");
+    let fcm_connections: HashSet<u64> = fake.received_by("fcm").iter().map(|r| r.connection).collect();
+    let apns_connections: HashSet<u64> = fake.received_by("apns").iter().map(|r| r.connection).collect();
+    assert!(fcm_connections.is_disjoint(&apns_connections), "each provider has connections of its own");
+    let stats = fake.stats();
+    assert_eq!((stats.fcm.accepted, stats.apns.accepted, stats.oauth.requests), (9, 9, 1));
+    assert_eq!(stats.connections, 6, "three per provider, the token endpoint's request on one of FCM's");
+}
+
+#[tokio::test]
+async fn a_burst_on_cold_connections_opens_only_the_configured_ones() {
+    let clock = ManualClock::new();
+    let fake = fake(clock.clone()).await;
+    let fcm = Arc::new(
+        FcmProvider::new(FcmSettings { connections: 3, ..fcm_settings(&fake, clock.clone(), TIMEOUT) }).unwrap(),
+    );
+    let apns =
+        Arc::new(ApnsProvider::new(ApnsSettings { connections: 3, ..apns_settings(&fake, clock.clone()) }).unwrap());
+    // Every send at once, before any connection has answered: FCM's client learns HTTP/2 only
+    // from a connection's ALPN, so without the first request going alone each would dial its own.
+    let sends = (0..64).map(|i| {
+        let (fcm, apns) = (fcm.clone(), apns.clone());
+        tokio::spawn(async move {
+            if i % 2 == 0 {
+                fcm.send(&device(Platform::Fcm), &coupon(None)).await
+            } else {
+                apns.send(&device(Platform::Apns), &coupon(None)).await
+            }
+        })
+    });
+    for outcome in futures::future::join_all(sends).await {
+        assert_eq!(outcome.unwrap(), PushOutcome::Delivered);
+    }
+    let stats = fake.stats();
+    assert_eq!((stats.fcm.accepted, stats.apns.accepted, stats.oauth.requests), (32, 32, 1));
+    assert_eq!(stats.connections, 6, "three per provider");
 }
 
 #[tokio::test]

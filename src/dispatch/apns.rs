@@ -61,6 +61,9 @@ pub struct ApnsSettings {
     pub extra_roots: Vec<reqwest::Certificate>,
     /// Deadline of one request.
     pub timeout: Duration,
+    /// HTTP/2 connections to send over (`KABAO_PUSH_CONNECTIONS`, at least 1); one provider
+    /// token serves them all (Apple counts tokens per key, not per connection).
+    pub connections: usize,
     /// Wall clock for the token's `iat` and age.
     pub clock: SharedClock,
     /// Where the provider token every node uses is kept.
@@ -138,8 +141,8 @@ struct Claims<'a> {
 
 /// The APNs provider.
 pub struct ApnsProvider {
-    /// HTTP/2 only.
-    client: reqwest::Client,
+    /// HTTP/2 only; several connections.
+    connections: http_client::Connections,
     /// Base URL; the path `/3/device/{token}` is appended per push.
     base_url: reqwest::Url,
     /// `apns-topic`.
@@ -194,7 +197,12 @@ impl ApnsProvider {
         let digest = ring::digest::digest(&ring::digest::SHA256, settings.key_pem.trim().as_bytes());
         let fingerprint: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
         Ok(Self {
-            client: http_client::build(&settings.extra_roots, true, settings.timeout)?,
+            connections: http_client::Connections::build(
+                settings.connections,
+                &settings.extra_roots,
+                true,
+                settings.timeout,
+            )?,
             base_url,
             topic: settings.topic,
             slot: format!("apns:{}:{}:{fingerprint}", settings.team_id, settings.key_id),
@@ -351,7 +359,8 @@ impl PushProvider for ApnsProvider {
             Ok(jwt) => jwt,
             Err(reason) => return PushOutcome::retry(reason),
         };
-        let mut builder = self
+        let connection = self.connections.pick().await;
+        let mut builder = connection
             .client
             .post(self.url(&request.path))
             .header(reqwest::header::AUTHORIZATION, format!("bearer {jwt}"))

@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use async_trait::async_trait;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::header::HeaderValue;
 use serde::{Deserialize, Serialize};
 
 use super::clock::{unix_ms, unix_s, SharedClock};
@@ -91,6 +92,9 @@ pub struct FcmSettings {
     pub extra_roots: Vec<reqwest::Certificate>,
     /// Deadline of one request (token or send).
     pub timeout: Duration,
+    /// HTTPS connections to send over (`KABAO_PUSH_CONNECTIONS`, at least 1); one access token
+    /// serves them all.
+    pub connections: usize,
     /// Wall clock for token lifetimes.
     pub clock: SharedClock,
 }
@@ -98,8 +102,8 @@ pub struct FcmSettings {
 /// An access token and when it stops being used.
 #[derive(Debug, Clone)]
 struct CachedToken {
-    /// The bearer token.
-    value: String,
+    /// `Bearer <token>`, made once per token rather than per push.
+    value: HeaderValue,
     /// After this, a new one is fetched.
     refresh_at: SystemTime,
 }
@@ -113,8 +117,8 @@ struct TokenError {
 
 /// The FCM HTTP v1 provider.
 pub struct FcmProvider {
-    /// HTTP/2 where the server offers it, else HTTP/1.1.
-    client: reqwest::Client,
+    /// HTTP/2 where the server offers it, else HTTP/1.1; several connections.
+    connections: http_client::Connections,
     /// `{base}/v1/projects/{project}/messages:send`.
     send_url: reqwest::Url,
     /// The assertion signing key.
@@ -166,7 +170,12 @@ impl FcmProvider {
         reqwest::Url::parse(&settings.key.token_uri)
             .with_context(|| format!("the service account's token_uri {:?} is not a URL", settings.key.token_uri))?;
         Ok(Self {
-            client: http_client::build(&settings.extra_roots, false, settings.timeout)?,
+            connections: http_client::Connections::build(
+                settings.connections,
+                &settings.extra_roots,
+                false,
+                settings.timeout,
+            )?,
             send_url,
             signing_key,
             key: settings.key,
@@ -175,8 +184,9 @@ impl FcmProvider {
         })
     }
 
-    /// The current access token, fetching a new one when there is none or it is due.
-    async fn access_token(&self) -> Result<String, TokenError> {
+    /// The current access token as an `Authorization` value, fetching a new one when there is
+    /// none or it is due.
+    async fn access_token(&self) -> Result<HeaderValue, TokenError> {
         let mut cached = self.token.lock().await;
         let now = self.clock.now();
         if let Some(token) = cached.as_ref().filter(|t| now < t.refresh_at) {
@@ -189,9 +199,9 @@ impl FcmProvider {
     }
 
     /// Forgets `rejected` (FCM said 401), unless a newer token already replaced it.
-    async fn invalidate(&self, rejected: &str) {
+    async fn invalidate(&self, rejected: &HeaderValue) {
         let mut cached = self.token.lock().await;
-        if cached.as_ref().is_some_and(|t| t.value == rejected) {
+        if cached.as_ref().is_some_and(|t| t.value == *rejected) {
             *cached = None;
         }
     }
@@ -210,7 +220,8 @@ impl FcmProvider {
         header.kid = self.key.private_key_id.clone();
         let assertion = jsonwebtoken::encode(&header, &claims, &self.signing_key)
             .map_err(|e| TokenError { reason: format!("signing the OAuth2 assertion: {e}"), retry_after: None })?;
-        let reply = self
+        let connection = self.connections.pick().await;
+        let reply = connection
             .client
             .post(&self.key.token_uri)
             .form(&[("grant_type", JWT_BEARER_GRANT), ("assertion", &assertion)])
@@ -240,8 +251,13 @@ impl FcmProvider {
         })?;
         let lifetime = Duration::from_secs(token.expires_in);
         let margin = REFRESH_MARGIN.min(lifetime / 2);
+        let mut value = HeaderValue::try_from(format!("Bearer {}", token.access_token)).map_err(|_| TokenError {
+            reason: "token endpoint answered an access token that cannot be a header".into(),
+            retry_after: None,
+        })?;
+        value.set_sensitive(true);
         tracing::debug!(expires_in = token.expires_in, "fetched an FCM access token");
-        Ok(CachedToken { value: token.access_token, refresh_at: now + lifetime - margin })
+        Ok(CachedToken { value, refresh_at: now + lifetime - margin })
     }
 }
 
@@ -311,11 +327,12 @@ impl PushProvider for FcmProvider {
             Err(e) => return PushOutcome::Retry { reason: e.reason, retry_after: e.retry_after },
         };
         let body = payload::fcm_body(&device.token, coupon, unix_ms(self.clock.now()));
-        let reply = self
+        let connection = self.connections.pick().await;
+        let reply = connection
             .client
             .post(self.send_url.clone())
-            .bearer_auth(&token)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::AUTHORIZATION, token.clone())
+            .header(reqwest::header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(body)
             .send()
             .await;

@@ -87,6 +87,7 @@ pub fn providers_from_config(config: &PushConfig, tokens: Arc<dyn ProviderTokenS
             base_url: config.fcm_base_url.clone(),
             extra_roots: extra_roots.clone(),
             timeout: config.request_timeout,
+            connections: config.connections_per_provider,
             clock: clock::system(),
         };
         let provider =
@@ -113,6 +114,7 @@ pub fn providers_from_config(config: &PushConfig, tokens: Arc<dyn ProviderTokenS
             base_url: config.apns_base_url.clone(),
             extra_roots,
             timeout: config.request_timeout,
+            connections: config.connections_per_provider,
             clock: clock::system(),
             tokens,
         };

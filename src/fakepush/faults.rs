@@ -25,6 +25,62 @@ pub struct Received {
     /// any injected delay). Tests read the spacing of retries from it, benchmarks latency.
     #[serde(default)]
     pub received_at_us: i64,
+    /// Which TLS connection it came on: the fake numbers them from 1 as it accepts them.
+    #[serde(default)]
+    pub connection: u64,
+}
+
+/// What the fake keeps of each push it accepted under [`Record::Receipts`] (and
+/// [`Record::Full`]): enough to measure, cheap to keep.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// `"fcm"` or `"apns"`.
+    pub provider: String,
+    /// The body's `coupon_id` (FCM: `message.data.coupon_id`).
+    pub coupon_id: String,
+    /// When the request's head arrived, as [`Received::received_at_us`].
+    pub received_at_us: i64,
+    /// As [`Received::connection`].
+    pub connection: u64,
+}
+
+/// How much the fake keeps of what it receives (`kabao fake-push --record`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Record {
+    /// Every request whole ([`Received`]: headers, body parsed) and a [`Receipt`] per accepted
+    /// push: what tests read.
+    #[default]
+    Full,
+    /// A [`Receipt`] per accepted push only: a load run's latencies without the cost of keeping
+    /// every header and body.
+    Receipts,
+    /// Counts only ([`Stats`]).
+    None,
+}
+
+/// Requests to one of the fake's endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointStats {
+    /// Requests received.
+    pub requests: u64,
+    /// Answered with success.
+    pub accepted: u64,
+}
+
+/// Counts the fake keeps whatever it records (`GET /_fake/stats`); never cleared.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// The record mode.
+    pub record: Record,
+    /// TLS connections accepted.
+    pub connections: u64,
+    /// The token endpoint.
+    pub oauth: EndpointStats,
+    /// FCM `messages:send`.
+    pub fcm: EndpointStats,
+    /// APNs.
+    pub apns: EndpointStats,
 }
 
 /// A fault to inject: the next `times` requests to `provider` for device `token` get it instead

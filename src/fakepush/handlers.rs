@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::faults::{Fault, Faults, Received};
+use super::faults::{EndpointStats, Fault, Faults, Receipt, Received, Record, Stats};
 use crate::dispatch::clock::{unix_s, SharedClock};
 use crate::dispatch::fcm::{FCM_SCOPE, JWT_BEARER_GRANT};
 
@@ -42,7 +42,11 @@ pub(super) struct State {
     pub apns_team_id: String,
     pub apns_topic: String,
     pub clock: SharedClock,
+    /// What is kept of each request.
+    pub record: Record,
     pub received: parking_lot::Mutex<Vec<Received>>,
+    /// One per push accepted, unless `record` is `none`.
+    pub receipts: parking_lot::Mutex<Vec<Receipt>>,
     pub faults: parking_lot::Mutex<Faults>,
     /// Access tokens issued, with their expiry.
     pub access_tokens: parking_lot::Mutex<HashMap<String, SystemTime>>,
@@ -56,6 +60,19 @@ pub(super) struct State {
     pub counter: AtomicU64,
     /// Pushes (FCM or APNs) answered with success, ever: read without copying `received`.
     pub accepted: AtomicU64,
+    /// TLS connections accepted, ever; also the last connection's number.
+    pub connections: AtomicU64,
+    /// Requests and successes per endpoint: the token endpoint, FCM, APNs.
+    pub counts: [(AtomicU64, AtomicU64); 3],
+}
+
+/// The index of an endpoint in [`State::counts`].
+fn endpoint(provider: &str) -> usize {
+    match provider {
+        "oauth" => 0,
+        "fcm" => 1,
+        _ => 2,
+    }
 }
 
 /// A fault said to drop the connection: the service fails, and hyper closes the connection
@@ -93,6 +110,7 @@ pub(super) async fn serve(
         };
         let acceptor = acceptor.clone();
         let state = state.clone();
+        let connection = state.connections.fetch_add(1, Ordering::Relaxed) + 1;
         tokio::spawn(async move {
             let tls = match acceptor.accept(stream).await {
                 Ok(tls) => tls,
@@ -103,7 +121,7 @@ pub(super) async fn serve(
             };
             let service = hyper::service::service_fn(move |request| {
                 let state = state.clone();
-                async move { state.handle(request).await }
+                async move { state.handle(request, connection).await }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), service)
@@ -119,6 +137,8 @@ struct ReadRequest {
     version: Version,
     headers: hyper::HeaderMap,
     body: Bytes,
+    /// The body parsed as JSON, once, when it is JSON.
+    json: Option<Value>,
 }
 
 impl ReadRequest {
@@ -126,13 +146,31 @@ impl ReadRequest {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
-    fn record(&self, provider: &str, status: u16, received_at_us: i64) -> Received {
+    /// The device token a push is for: FCM's `message.token`, APNs's path.
+    fn device_token(&self, provider: &str) -> Option<&str> {
+        match provider {
+            "fcm" => self.json.as_ref()?["message"]["token"].as_str(),
+            "apns" => self.path.split('?').next()?.strip_prefix("/3/device/"),
+            _ => None,
+        }
+    }
+
+    /// The body's coupon id, for a receipt.
+    fn coupon_id(&self, provider: &str) -> Option<&str> {
+        let json = self.json.as_ref()?;
+        match provider {
+            "fcm" => json["message"]["data"]["coupon_id"].as_str(),
+            _ => json["coupon_id"].as_str(),
+        }
+    }
+
+    fn record(self, provider: &str, status: u16, received_at_us: i64, connection: u64) -> Received {
         let headers: BTreeMap<String, String> = self
             .headers
             .iter()
             .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
             .collect();
-        let body = if let Ok(json) = serde_json::from_slice::<Value>(&self.body) {
+        let body = if let Some(json) = self.json {
             json
         } else if self.header("content-type").is_some_and(|c| c.starts_with("application/x-www-form-urlencoded")) {
             Value::Object(form(&self.body).into_iter().map(|(k, v)| (k, Value::String(v))).collect())
@@ -142,12 +180,13 @@ impl ReadRequest {
         Received {
             provider: provider.to_owned(),
             method: self.method.to_string(),
-            path: self.path.clone(),
+            path: self.path,
             version: format!("{:?}", self.version),
             headers,
             body,
             status,
             received_at_us,
+            connection,
         }
     }
 }
@@ -255,48 +294,78 @@ struct ProviderClaims {
 }
 
 impl State {
-    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Result<Reply, Dropped> {
+    async fn handle(self: Arc<Self>, request: Request<Incoming>, connection: u64) -> Result<Reply, Dropped> {
         // The system clock, not the fake's: this is for measuring, and a test's manual clock
         // does not move with real time.
         let received_at_us =
             SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
         let (parts, body) = request.into_parts();
         let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let json = if body.is_empty() { None } else { serde_json::from_slice::<Value>(&body).ok() };
         let request = ReadRequest {
             method: parts.method,
             path: parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
             version: parts.version,
             headers: parts.headers,
             body,
+            json,
         };
-        let path = request.path.split('?').next().unwrap_or("").to_owned();
+        let path = request.path.split('?').next().unwrap_or("");
         if let Some(admin) = path.strip_prefix("/_fake/") {
-            return Ok(self.admin(admin, &request));
+            let admin = admin.to_owned();
+            return Ok(self.admin(&admin, &request));
         }
-        let (provider, device_token) = if path == "/token" {
-            ("oauth", None)
+        let provider = if path == "/token" {
+            "oauth"
         } else if path.starts_with("/v1/projects/") {
-            let token = serde_json::from_slice::<Value>(&request.body)
-                .ok()
-                .and_then(|v| v["message"]["token"].as_str().map(str::to_owned));
-            ("fcm", token)
-        } else if let Some(token) = path.strip_prefix("/3/device/") {
-            ("apns", Some(token.to_owned()))
+            "fcm"
+        } else if path.starts_with("/3/device/") {
+            "apns"
         } else {
             let reply = json_reply(StatusCode::NOT_FOUND, &json!({"error": "no such path"}));
             return Ok(reply);
         };
-        let fault = self.faults.lock().take(provider, device_token.as_deref());
+        let device_token = request.device_token(provider);
+        let fault = self.faults.lock().take(provider, device_token);
         let reply = match fault {
             Some(fault) => self.apply(fault, provider, &request).await,
-            None => Ok(self.answer(provider, &request, device_token.as_deref())),
+            None => Ok(self.answer(provider, &request, device_token)),
         };
         let status = reply.as_ref().map_or(0, |r| r.status().as_u16());
-        if status == 200 && provider != "oauth" {
+        let (requests, accepted) = &self.counts[endpoint(provider)];
+        requests.fetch_add(1, Ordering::Relaxed);
+        let push_accepted = status == 200 && provider != "oauth";
+        if status == 200 {
+            accepted.fetch_add(1, Ordering::Relaxed);
+        }
+        if push_accepted {
             self.accepted.fetch_add(1, Ordering::Relaxed);
         }
-        self.received.lock().push(request.record(provider, status, received_at_us));
+        if push_accepted && self.record != Record::None {
+            let coupon_id = request.coupon_id(provider).unwrap_or_default().to_owned();
+            let receipt = Receipt { provider: provider.to_owned(), coupon_id, received_at_us, connection };
+            self.receipts.lock().push(receipt);
+        }
+        if self.record == Record::Full {
+            let received = request.record(provider, status, received_at_us, connection);
+            self.received.lock().push(received);
+        }
         reply
+    }
+
+    /// The counts so far.
+    pub(super) fn stats(&self) -> Stats {
+        let endpoint = |i: usize| EndpointStats {
+            requests: self.counts[i].0.load(Ordering::Relaxed),
+            accepted: self.counts[i].1.load(Ordering::Relaxed),
+        };
+        Stats {
+            record: self.record,
+            connections: self.connections.load(Ordering::Relaxed),
+            oauth: endpoint(0),
+            fcm: endpoint(1),
+            apns: endpoint(2),
+        }
     }
 
     /// An injected fault's answer (a bare delay falls through to the normal answer).
@@ -308,13 +377,7 @@ impl State {
             return Err(Dropped);
         }
         let Some(status) = fault.status else {
-            let token = (provider == "fcm").then(|| {
-                serde_json::from_slice::<Value>(&request.body)
-                    .ok()
-                    .and_then(|v| v["message"]["token"].as_str().map(str::to_owned))
-            });
-            let token = token.flatten().or_else(|| request.path.strip_prefix("/3/device/").map(str::to_owned));
-            return Ok(self.answer(provider, request, token.as_deref()));
+            return Ok(self.answer(provider, request, request.device_token(provider)));
         };
         let reply = match provider {
             "fcm" => {
@@ -340,8 +403,11 @@ impl State {
             (&Method::GET, "received") => json_reply(StatusCode::OK, &json!(*self.received.lock())),
             (&Method::DELETE, "received") => {
                 self.received.lock().clear();
+                self.receipts.lock().clear();
                 json_reply(StatusCode::OK, &json!({}))
             }
+            (&Method::GET, "receipts") => json_reply(StatusCode::OK, &json!(*self.receipts.lock())),
+            (&Method::GET, "stats") => json_reply(StatusCode::OK, &json!(self.stats())),
             (&Method::POST, "faults") => match serde_json::from_slice::<Fault>(&request.body) {
                 Ok(fault) => {
                     self.faults.lock().push(fault);
@@ -428,10 +494,10 @@ impl State {
         if !request.header("content-type").is_some_and(|c| c.starts_with("application/json")) {
             return fcm_error(400, None, "the body must be JSON");
         }
-        let Ok(body) = serde_json::from_slice::<Value>(&request.body) else {
+        let Some(body) = &request.json else {
             return fcm_error(400, None, "Invalid JSON payload received.");
         };
-        if let Err(why) = check_fcm_message(&body) {
+        if let Err(why) = check_fcm_message(body) {
             return fcm_error(400, Some("INVALID_ARGUMENT"), &why);
         }
         if device_token.is_none_or(str::is_empty) {
@@ -483,8 +549,7 @@ impl State {
         if request.body.is_empty() {
             return apns_error(400, "PayloadEmpty");
         }
-        let aps_ok =
-            serde_json::from_slice::<Value>(&request.body).is_ok_and(|v| v["aps"]["alert"]["title"].is_string());
+        let aps_ok = request.json.as_ref().is_some_and(|v| v["aps"]["alert"]["title"].is_string());
         if !aps_ok {
             // Apple has no reason for this; the fake holds kabao to API.md's body.
             return apns_error(400, "BadPayload");

@@ -10,12 +10,18 @@
 //! | `POST /token` | JWT-bearer grant: verifies the RS256 assertion, `grant_type`, `aud`, `scope`, `exp` |
 //! | `POST /v1/projects/{p}/messages:send` | FCM v1: a bearer token it issued and not expired, the project, the body's shape |
 //! | `POST /3/device/{token}` | APNs, HTTP/2 only: the ES256 token (key, `kid`, `iss`, age ≤ 1 h, not re-signed within 20 min), headers, topic, body ≤ 4 096 bytes |
-//! | `GET`/`DELETE /_fake/received` | what it received (JSON), or forget it |
+//! | `GET`/`DELETE /_fake/received` | what it received (JSON), or forget it (and the receipts) |
+//! | `GET /_fake/receipts` | a [`Receipt`] per push accepted: provider, coupon id, arrival, connection |
+//! | `GET /_fake/stats` | [`Stats`]: connections, requests and successes per endpoint, never cleared |
 //! | `POST`/`DELETE /_fake/faults` | inject a [`Fault`], or clear them |
 //!
 //! [`start`] runs it in-process on any port (tests use port 0) and returns a [`FakePush`]
 //! handle with the URLs, the credential files and direct [`FakePush::received`] /
 //! [`FakePush::inject`].
+//!
+//! `--record` says how much it keeps ([`Record`]): `full` (every request, for tests),
+//! `receipts` (a [`Receipt`] per accepted push, for load runs: keeping every header and body
+//! was a measurable share of a load run's CPU) or `none` (counts only).
 
 mod faults;
 mod handlers;
@@ -28,7 +34,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use faults::{Fault, Received};
+pub use faults::{EndpointStats, Fault, Receipt, Received, Record, Stats};
 
 use crate::dispatch::clock::{self, SharedClock};
 
@@ -47,6 +53,10 @@ pub struct FakePushArgs {
     /// The app's bundle id APNs accepts as `apns-topic`.
     #[arg(long, default_value = "com.example.kabao", value_name = "BUNDLE_ID")]
     pub apns_topic: String,
+    /// How much to keep of what it receives: every request (`full`), a receipt per accepted
+    /// push (`receipts`), or counts only (`none`).
+    #[arg(long, value_enum, default_value_t = Record::Full)]
+    pub record: Record,
 }
 
 /// Settings of an in-process fake.
@@ -63,6 +73,8 @@ pub struct FakePushConfig {
     /// The fake's clock: token lifetimes, `iat` age and the 20-minute rule are read from it, so a
     /// test moves it together with the client's.
     pub clock: SharedClock,
+    /// How much of what it receives it keeps.
+    pub record: Record,
 }
 
 impl FakePushConfig {
@@ -74,6 +86,7 @@ impl FakePushConfig {
             project_id: "kabao-fake".into(),
             apns_topic: "com.example.kabao".into(),
             clock: clock::system(),
+            record: Record::Full,
         }
     }
 }
@@ -129,9 +142,20 @@ impl FakePush {
         self.state.accepted.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Forgets what was received.
+    /// A receipt per push accepted so far, in order (none under [`Record::None`]).
+    pub fn receipts(&self) -> Vec<Receipt> {
+        self.state.receipts.lock().clone()
+    }
+
+    /// The counts so far.
+    pub fn stats(&self) -> Stats {
+        self.state.stats()
+    }
+
+    /// Forgets what was received, receipts too.
     pub fn clear_received(&self) {
         self.state.received.lock().clear();
+        self.state.receipts.lock().clear();
     }
 
     /// Adds a fault.
@@ -196,10 +220,14 @@ pub async fn run(args: FakePushArgs) -> anyhow::Result<()> {
         project_id: args.project_id,
         apns_topic: args.apns_topic,
         clock: clock::system(),
+        record: args.record,
     })
     .await?;
     println!("fake-push listening on {} (FCM, APNs and the token endpoint)", fake.base_url);
-    println!("what it received: GET {}/_fake/received; faults: POST {}/_fake/faults", fake.base_url, fake.base_url);
+    println!(
+        "what it received: GET {0}/_fake/received, {0}/_fake/receipts, {0}/_fake/stats; faults: POST {0}/_fake/faults",
+        fake.base_url
+    );
     println!(
         "point kabao at it with these settings (also in {}):",
         fake.ca_pem_path.with_file_name("push.env").display()
@@ -258,13 +286,17 @@ pub async fn start(config: FakePushConfig) -> anyhow::Result<FakePush> {
         apns_team_id: apns_team_id.clone(),
         apns_topic: config.apns_topic.clone(),
         clock: config.clock.clone(),
+        record: config.record,
         received: Default::default(),
+        receipts: Default::default(),
         faults: Default::default(),
         access_tokens: Default::default(),
         apns_token: Default::default(),
         apns_verified: Default::default(),
         counter: Default::default(),
         accepted: Default::default(),
+        connections: Default::default(),
+        counts: Default::default(),
     });
     let fake = FakePush {
         base_url,
