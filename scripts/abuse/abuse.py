@@ -26,8 +26,10 @@ import multiprocessing
 import os
 import resource
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 ADMIN = "abuse-admin-token"
@@ -57,9 +59,11 @@ def rss_mb(pid: int) -> float:
 class Server:
     def __init__(self, binary: str):
         env = dict(os.environ, RUST_LOG="warn")
+        # The default (embedded) store, in a data directory of its own, removed afterwards.
+        self.data_dir = tempfile.mkdtemp(prefix="kabao-abuse-")
         self.proc = subprocess.Popen(
             [binary, "serve", "--listen", f"{HOST}:0", "--admin-token", ADMIN, "--client-secret", SECRET,
-             "--rate-limit-requests-per-user-per-s", "25"],
+             "--rate-limit-requests-per-user-per-s", "25", "--data-dir", self.data_dir],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
         for line in self.proc.stdout:
             if "listening on http://" in line:
@@ -74,6 +78,8 @@ class Server:
             self.proc.wait(15)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def request(method: str, path: str, token: str, body: bytes) -> bytes:
