@@ -17,11 +17,13 @@ pub struct IdleCut {
 
 impl IdleCut {
     /// The cut for entries last active at `times` under a ceiling of `max` (0: no ceiling);
-    /// `None` when nothing has to go.
-    pub fn plan(mut times: Vec<i64>, max: usize) -> Option<IdleCut> {
+    /// `None` when nothing has to go. Under the ceiling (every commit of a store that checks
+    /// it) this costs a length check, not a copy of the times.
+    pub fn plan(times: impl ExactSizeIterator<Item = i64>, max: usize) -> Option<IdleCut> {
         if max == 0 || times.len() <= max {
             return None;
         }
+        let mut times: Vec<i64> = times.collect();
         let keep = max - max / 10;
         let drop = times.len() - keep;
         let (below, &mut cut, _) = times.select_nth_unstable(drop - 1);
@@ -52,8 +54,8 @@ mod tests {
 
     #[test]
     fn under_the_ceiling_nothing_goes() {
-        assert_eq!(IdleCut::plan(vec![1, 2, 3], 3), None);
-        assert_eq!(IdleCut::plan(vec![1, 2, 3], 0), None);
+        assert_eq!(IdleCut::plan([1, 2, 3].into_iter(), 3), None);
+        assert_eq!(IdleCut::plan([1, 2, 3].into_iter(), 0), None);
     }
 
     proptest! {
@@ -64,7 +66,7 @@ mod tests {
             times in proptest::collection::vec(0i64..20, 0..200),
             max in 1usize..150,
         ) {
-            let Some(mut cut) = IdleCut::plan(times.clone(), max) else {
+            let Some(mut cut) = IdleCut::plan(times.clone().into_iter(), max) else {
                 prop_assert!(times.len() <= max);
                 return Ok(());
             };

@@ -230,7 +230,7 @@ pub(crate) type HeldStates = rustc_hash::FxHashMap<UserId, (UserStateRecord, i64
 /// `kabao_tracked_users_dropped_total{from="store"}`. A dropped user's next ping starts afresh,
 /// as after `state_ttl_s`; the caps and "already issued" still hold, they are not state.
 pub(crate) fn drop_longest_idle(states: &mut HeldStates, max: usize) -> Vec<UserId> {
-    let Some(mut cut) = crate::ceiling::IdleCut::plan(states.values().map(|(_, at)| *at).collect(), max) else {
+    let Some(mut cut) = crate::ceiling::IdleCut::plan(states.values().map(|(_, at)| *at), max) else {
         return Vec::new();
     };
     let mut dropped = Vec::with_capacity(states.len() - (max - max / 10));

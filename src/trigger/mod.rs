@@ -215,11 +215,14 @@ impl TriggerEngine {
     /// many went. A dropped user's next request reads the store's copy, so this costs exactness
     /// only where the store holds no copy of its own.
     pub fn drop_longest_idle(&self, max: usize) -> usize {
+        if max == 0 || self.user_count() <= max {
+            return 0;
+        }
         let mut times = Vec::new();
         for shard in self.shards.iter() {
             times.extend(shard.lock().values().map(|user| user.state.newest_ts_ms()));
         }
-        let Some(mut cut) = IdleCut::plan(times, max) else { return 0 };
+        let Some(mut cut) = IdleCut::plan(times.into_iter(), max) else { return 0 };
         for shard in self.shards.iter() {
             shard.lock().retain(|_, user| !cut.drops(user.state.newest_ts_ms()));
         }
