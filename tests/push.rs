@@ -181,12 +181,18 @@ async fn concurrent_fcm_sends_share_one_token_request() {
     assert_eq!(fake.received_by("fcm").len(), 16);
 }
 
+/// Both providers, each over three connections to `fake`.
+fn providers_over_three_connections(fake: &FakePush, clock: SharedClock) -> (FcmProvider, ApnsProvider) {
+    let fcm = FcmProvider::new(FcmSettings { connections: 3, ..fcm_settings(fake, clock.clone(), TIMEOUT) }).unwrap();
+    let apns = ApnsProvider::new(ApnsSettings { connections: 3, ..apns_settings(fake, clock.clone()) }).unwrap();
+    (fcm, apns)
+}
+
 #[tokio::test]
 async fn each_provider_sends_over_as_many_connections_as_configured_with_one_token() {
     let clock = ManualClock::new();
     let fake = fake(clock.clone()).await;
-    let fcm = FcmProvider::new(FcmSettings { connections: 3, ..fcm_settings(&fake, clock.clone(), TIMEOUT) }).unwrap();
-    let apns = ApnsProvider::new(ApnsSettings { connections: 3, ..apns_settings(&fake, clock.clone()) }).unwrap();
+    let (fcm, apns) = providers_over_three_connections(&fake, clock.clone());
     // One at a time: the least busy connection is then always idle, and idle ones take turns.
     for _ in 0..9 {
         assert_eq!(fcm.send(&device(Platform::Fcm), &coupon(None)).await, PushOutcome::Delivered);
@@ -217,11 +223,8 @@ async fn each_provider_sends_over_as_many_connections_as_configured_with_one_tok
 async fn a_burst_on_cold_connections_opens_only_the_configured_ones() {
     let clock = ManualClock::new();
     let fake = fake(clock.clone()).await;
-    let fcm = Arc::new(
-        FcmProvider::new(FcmSettings { connections: 3, ..fcm_settings(&fake, clock.clone(), TIMEOUT) }).unwrap(),
-    );
-    let apns =
-        Arc::new(ApnsProvider::new(ApnsSettings { connections: 3, ..apns_settings(&fake, clock.clone()) }).unwrap());
+    let (fcm, apns) = providers_over_three_connections(&fake, clock.clone());
+    let (fcm, apns) = (Arc::new(fcm), Arc::new(apns));
     // Every send at once, before any connection has answered: FCM's client learns HTTP/2 only
     // from a connection's ALPN, so without the first request going alone each would dial its own.
     let sends = (0..64).map(|i| {
