@@ -93,15 +93,64 @@ fn measure(campaign: &Arc<Campaign>, prefix: &str) -> Figures {
     }
 }
 
-/// The cases: (label, user id prefix).
-const CASES: [(&str, usize); 2] = [("12 characters", 5), ("128 characters", 121)];
+/// The whole node's memory per tracked user: the same users and pings through `Engine::ingest`
+/// (batches of 500) over the in-memory store, so the node's cache, the store's copy of each
+/// state and everything else a request leaves behind are counted.
+fn measure_node(campaign: &Arc<Campaign>, prefix: &str) -> Figures {
+    use kabao::engine::{Engine, EngineConfig};
+    use kabao::store::memory::MemoryStore;
+    use kabao::store::Store;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        store.insert_campaign(Campaign::clone(campaign)).await.unwrap();
+        let engine = Engine::start(store.clone(), EngineConfig::default()).await.unwrap();
+        let now = kabao::engine::now_ms();
+        let ping = |u: usize| Ping {
+            user_id: UserId::parse("user_id", &format!("{prefix}{u:07}")).unwrap(),
+            at: campaign.fences[u % FENCES].shape.anchor(),
+            ts_ms: now - 1_000,
+            accuracy_m: None,
+            speed_mps: None,
+            mocked: false,
+        };
+        // One batch first, so what the first request allocates once is not charged to users.
+        engine.ingest((USERS..USERS + 500).map(ping).collect()).await.unwrap();
+        let heap = Region::new(GLOBAL);
+        let resident_before = resident_bytes();
+        for first in (0..USERS).step_by(500) {
+            let report = engine.ingest((first..first + 500).map(ping).collect()).await.unwrap();
+            assert!(report.events.is_empty() && report.ignored.is_empty());
+        }
+        let change = heap.change();
+        let heap =
+            (change.bytes_allocated as isize - change.bytes_deallocated as isize + change.bytes_reallocated) as f64;
+        let resident = resident_bytes().saturating_sub(resident_before) as f64;
+        let states =
+            store.load_user_states(&[UserId::parse("u", &format!("{prefix}{:07}", 0)).unwrap()]).await.unwrap();
+        let encoded = states[0].as_ref().expect("the store holds the state").bytes.len() as f64;
+        Figures {
+            heap_per_user: heap / USERS as f64,
+            resident_per_user: resident / USERS as f64,
+            encoded_per_user: encoded,
+        }
+    })
+}
+
+/// The cases: (label, user id prefix, whole node).
+const CASES: [(&str, usize, bool); 3] = [
+    ("12 characters", 5, false),
+    ("128 characters", 121, false),
+    ("12 characters, whole node (`Engine::ingest`, in-memory store)", 5, true),
+];
 
 fn main() {
     // Each case runs in a process of its own, so one case's freed memory does not hide the
     // next one's growth of the resident set.
     if let Some(case) = std::env::args().skip_while(|a| a != "--case").nth(1) {
-        let (label, prefix_len) = CASES[case.parse::<usize>().expect("case number")];
-        let f = measure(&campaign(), &"p".repeat(prefix_len));
+        let (label, prefix_len, whole_node) = CASES[case.parse::<usize>().expect("case number")];
+        let prefix = "p".repeat(prefix_len);
+        let f = if whole_node { measure_node(&campaign(), &prefix) } else { measure(&campaign(), &prefix) };
         println!("| {label} | {:.0} | {:.0} | {:.0} |", f.heap_per_user, f.resident_per_user, f.encoded_per_user);
         return;
     }

@@ -44,6 +44,7 @@ for _ in $(seq 50); do curl -sf "$URL/healthz" >/dev/null && break; sleep 0.2; d
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 tracked() { curl -sf "$URL/metrics" | awk '$1 == "kabao_tracked_users" {print $2}' | tail -1; }
+stays() { curl -sf "$URL/metrics" | awk '$1 == "kabao_tracked_stays" {print $2}' | tail -1; }
 idle() { # wait until the server's CPU use settles (the index is rebuilt after campaign writes)
     for _ in $(seq 120); do
         a=$(cpu_s $SERVER); sleep 1; b=$(cpu_s $SERVER)
@@ -65,11 +66,11 @@ RATE=$(python3 -c "import json,sys; print(max(1, round(json.load(open(sys.argv[1
 # The probe's users go idle and are freed during the soak like any others.
 echo
 echo "== soak: ${DURATION}s at $RATE requests/s (70 %), $USERS users, $CHURN replaced per second, state TTL ${TTL}s"
-echo "t_s,rss_kb,tracked_users,server_cpu_s,load1" >"$OUT/samples.csv"
+echo "t_s,rss_kb,tracked_users,tracked_stays,server_cpu_s,load1" >"$OUT/samples.csv"
 (
     t0=$(date +%s)
     while kill -0 $SERVER 2>/dev/null; do
-        echo "$(( $(date +%s) - t0 )),$(rss_kb $SERVER),$(tracked),$(cpu_s $SERVER),$(cut -d' ' -f1 /proc/loadavg)" >>"$OUT/samples.csv"
+        echo "$(( $(date +%s) - t0 )),$(rss_kb $SERVER),$(tracked),$(stays),$(cpu_s $SERVER),$(cut -d' ' -f1 /proc/loadavg)" >>"$OUT/samples.csv"
         sleep 10
     done
 ) &
@@ -107,5 +108,9 @@ print(f"users: {soak['users']} at a time, {soak['users_churned']} replaced; trac
 if peak_users:
     print(f"bytes per tracked user: {(peak_rss - rss_idle) * 1024 / peak_users:.0f} "
           f"(RSS {mb(peak_rss):.0f} MB − idle {mb(rss_idle):.0f} MB, over {peak_users} tracked users at their peak)")
+    peak_stays = max(int(r["tracked_stays"] or 0) for r in samples)
+    if peak_stays:
+        print(f"open stays at their peak: {peak_stays} ({peak_stays / peak_users:.1f} per tracked user); "
+              f"bytes per open stay: {(peak_rss - rss_idle) * 1024 / peak_stays:.0f}")
 EOF
 echo "samples: $OUT/samples.csv; loadgen: $OUT/soak.json, $OUT/soak.html"

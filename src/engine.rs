@@ -585,5 +585,6 @@ async fn evict_idle_users(engine: Weak<Engine>) {
             tracing::debug!(freed, "freed idle trigger state");
         }
         metrics::gauge!("kabao_tracked_users").set(engine.triggers.user_count() as f64);
+        metrics::gauge!("kabao_tracked_stays").set(engine.triggers.stay_count() as f64);
     }
 }

@@ -239,4 +239,11 @@ impl TriggerEngine {
     pub fn user_count(&self) -> usize {
         self.shards.iter().map(|shard| shard.lock().len()).sum()
     }
+
+    /// Open stays over every cached user. A user's memory grows with its stays (one per fence it
+    /// is inside, for each campaign with that fence), so where fences overlap densely this, not
+    /// the user count, is what resident memory follows.
+    pub fn stay_count(&self) -> usize {
+        self.shards.iter().map(|shard| shard.lock().values().map(|user| user.state.stay_count()).sum::<usize>()).sum()
+    }
 }

@@ -656,12 +656,14 @@ fn ignored_first_pings_leave_no_state_and_users_can_be_freed() {
     assert_eq!(apply(p(1_000, a())), "c1:a");
     assert_eq!(apply(p(5_000, a()).by("v")), "c1:a");
     assert_eq!(engine.user_count(), 2);
+    assert_eq!(engine.stay_count(), 2, "each user is inside c1's fence");
 
     // Idle is measured from the newest applied ping's ts: `u` (1 000) is idle for more than
     // 3 000 ms at 4 001, `v` (5 000) is not.
     assert_eq!(engine.evict_idle(4_000, 3_000), 0);
     assert_eq!(engine.evict_idle(4_001, 3_000), 1);
     assert_eq!(engine.user_count(), 1);
+    assert_eq!(engine.stay_count(), 1);
     // A freed user starts afresh: an older ping is no longer stale, and enters again.
     assert_eq!(apply(p(500, a())), "c1:a");
 
