@@ -265,6 +265,9 @@ struct Memory {
     meta: MetaCounters,
     /// Entries in the outbox (counted at start, kept by every write that adds or removes one).
     outbox_len: u64,
+    /// No outbox entry below this sequence is left: scans start here, not at the tombstones of
+    /// every entry already finished (an LSM tree keeps them until compaction drops them).
+    outbox_floor: u64,
 }
 
 /// Counters persisted in `META` with every transaction that moves them.
@@ -1022,7 +1025,7 @@ impl DeviceStore for EmbeddedStore {
             memory.user_states.remove(&user);
             memory.dirty.remove(&user);
             let mut pending = Vec::new();
-            for row in tx.iter(T::Outbox) {
+            for row in tx.range(T::Outbox, memory.outbox_floor.to_be_bytes()..) {
                 let (seq, v) = row?;
                 let record: OutboxRecord = decode("outbox entry", &v)?;
                 if record.entry.coupon.user_id == user {
@@ -1238,14 +1241,19 @@ impl OutboxStore for EmbeddedStore {
         // committed (outbox_finish, outbox_retry): so a read that still sees an entry being
         // finished also sees its lease, and the entry is not handed out a second time.
         let mut memory = self.memory.lock();
-        let rows = self.read(|view| {
+        let floor = memory.outbox_floor;
+        let (lowest, rows) = self.read(|view| {
             let mut due = Vec::new();
-            for row in view.iter(T::Outbox) {
+            let mut lowest = None;
+            for row in view.range(T::Outbox, floor.to_be_bytes()..) {
                 if due.len() >= max {
                     break;
                 }
                 let (seq, v) = row?;
                 let seq = seq_key(&seq)?;
+                // Sequences are given out in commit order and an entry gone never comes back, so
+                // the first one this snapshot shows is the lowest that is left.
+                lowest.get_or_insert(seq);
                 if memory.leases.get(&seq).is_some_and(|&until| until > now_ms) {
                     continue;
                 }
@@ -1254,8 +1262,11 @@ impl OutboxStore for EmbeddedStore {
                     due.push((seq, record.entry));
                 }
             }
-            Ok(due)
+            Ok((lowest, due))
         })?;
+        if let Some(lowest) = lowest {
+            memory.outbox_floor = memory.outbox_floor.max(lowest);
+        }
         let mut taken = Vec::with_capacity(rows.len());
         for (seq, entry) in rows {
             memory.leases.insert(seq, now_ms.saturating_add(lease_ms));
