@@ -512,9 +512,9 @@ fn device_id_of(device_key: &[u8], prefix: &[u8]) -> Result<DeviceId, StoreError
 /// against a bound on memory that issue 7 asks (RSS after 5 M coupons at most 1.5× that after
 /// none); (3) the journal: up to 64 MiB (fjall's least) on disk before the keyspaces holding its
 /// oldest part are flushed, so recovery replays at most that, and memtables never outlive it;
-/// (4) open table files, at most 256 cached descriptors; (5) per table, the pinned index and
-/// filter blocks of levels 0 and 1 only (fjall's default), which compaction keeps small; deeper
-/// levels' blocks go through the cache.
+/// (4) open table files, at most 256 cached descriptors; (5) pinned blocks: the index blocks of
+/// levels 0 and 1 and the filter blocks of level 0 only (fjall's default), levels compaction keeps
+/// small; deeper levels' blocks go through the cache.
 fn open_database(path: &Path, cache_bytes: usize) -> fjall::Result<(SingleWriterTxDatabase, Keyspaces)> {
     let db = SingleWriterTxDatabase::builder(path)
         .cache_size(cache_bytes as u64)
