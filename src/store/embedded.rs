@@ -797,6 +797,23 @@ impl EmbeddedStore {
         .await
     }
 
+    /// Writes a consistent copy of the store into `dest`, a new data directory (created; refused
+    /// if it holds anything), while the store goes on serving: dirty trigger states are
+    /// checkpointed first, then every table is copied from one snapshot, synced, and the
+    /// identity written beside it. kabao opened on `dest` is this store as of that snapshot.
+    /// Returns the rows copied.
+    pub async fn snapshot_into(&self, dest: &Path) -> anyhow::Result<u64> {
+        self.checkpoint().await?;
+        self.check()?;
+        let snapshot = {
+            let _synced = self.durable_gate.read();
+            self.db.read_tx()
+        };
+        let (keyspaces, identity, dest) = (self.keyspaces.clone(), self.identity.clone(), dest.to_path_buf());
+        let cache_bytes = self.config.cache_bytes;
+        tokio::task::spawn_blocking(move || copy_snapshot(snapshot, &keyspaces, &identity, &dest, cache_bytes)).await?
+    }
+
     /// Runs `f` on a snapshot of everything that is on disk.
     fn read<R>(&self, f: impl FnOnce(&View<'_, fjall::Snapshot>) -> Result<R, StoreError>) -> Result<R, StoreError> {
         self.check()?;
@@ -806,6 +823,47 @@ impl EmbeddedStore {
         };
         f(&View { r: snapshot, ks: &self.keyspaces })
     }
+}
+
+/// Copies every table of `snapshot` into a new database in `dest` (see `snapshot_into`).
+fn copy_snapshot(
+    snapshot: fjall::Snapshot,
+    from: &Keyspaces,
+    identity: &str,
+    dest: &Path,
+    cache_bytes: usize,
+) -> anyhow::Result<u64> {
+    use anyhow::{bail, Context};
+    if std::fs::read_dir(dest).is_ok_and(|mut entries| entries.next().is_some()) {
+        bail!("{} is not empty: a snapshot goes into a new data directory", dest.display());
+    }
+    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let path = dest.join(DB_FILE);
+    let (db, to) = open_database(&path, cache_bytes).with_context(|| format!("creating {}", path.display()))?;
+    let source = View { r: snapshot, ks: from };
+    let mut copied = 0u64;
+    for t in T::ALL {
+        let mut tx = View { r: db.write_tx(), ks: &to };
+        let mut in_tx = 0;
+        for row in source.iter(t) {
+            let (k, v) = row?;
+            tx.insert(t, &k, &v);
+            copied += 1;
+            in_tx += 1;
+            if in_tx == 10_000 {
+                // Committed before the next transaction begins: fjall has one writer at a time.
+                tx.r.commit().with_context(|| format!("writing {}", path.display()))?;
+                tx = View { r: db.write_tx(), ks: &to };
+                in_tx = 0;
+            }
+        }
+        tx.r.commit().with_context(|| format!("writing {}", path.display()))?;
+    }
+    db.persist(PersistMode::SyncAll).with_context(|| format!("writing {}", path.display()))?;
+    let identity_path = dest.join(IDENTITY_FILE);
+    std::fs::write(&identity_path, format!("{identity}\n"))
+        .with_context(|| format!("writing {}", identity_path.display()))?;
+    Ok(copied)
 }
 
 /// The writer thread: takes every job queued, runs them in one transaction, commits once, syncs the
@@ -1620,6 +1678,50 @@ mod tests {
             }
         };
         assert!(err.contains(DB_FILE) && err.contains("format 3"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_taken_while_serving_opens_as_the_store_was() {
+        let (dir, copy) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let store = open(dir.path());
+        let dyn_store: Arc<dyn Store> = store.clone();
+        let user = UserId::parse("u", "sn-u").unwrap();
+        store.insert_campaign(campaign("c")).await.unwrap();
+        let device = Device { platform: Platform::Fcm, token: "tok".into(), tags: Vec::new(), locale: None };
+        store.put_device(&user, &DeviceId::parse("d", "phone").unwrap(), device).await.unwrap();
+        let issued =
+            contract::issue_one(&dyn_store, contract::candidate("sn-a", "sn-u", 1_700_000_000_000, Default::default()));
+        assert_eq!(issued.await, crate::store::IssueOutcome::Issued);
+        // A stay that issued nothing: in memory only until a checkpoint, which the snapshot takes.
+        let quiet = UserId::parse("u", "sn-quiet").unwrap();
+        let commit = UserCommit {
+            user_id: quiet.clone(),
+            expected_version: 0,
+            new_state: Some(b"stays".to_vec()),
+            new_version: 3,
+            keep_for_ms: 3_600_000,
+            issues: Vec::new(),
+        };
+        assert!(matches!(store.commit(vec![commit]).await.unwrap()[0], UserCommitResult::Committed { .. }));
+
+        let dest = copy.path().join("kabao-data");
+        let copied = store.snapshot_into(&dest).await.unwrap();
+        assert!(copied > 0);
+        let refused = store.snapshot_into(&dest).await.unwrap_err().to_string();
+        assert!(refused.contains("not empty"), "{refused}");
+        // Written after the snapshot: not in it.
+        store.insert_campaign(campaign("later")).await.unwrap();
+
+        let restored = open(&dest);
+        let (_, campaigns) = restored.all_campaigns().await.unwrap();
+        assert_eq!(campaigns.iter().map(|c| c.id.as_str().to_owned()).collect::<Vec<_>>(), vec!["c".to_owned()]);
+        assert_eq!(restored.wallet(&user).await.unwrap().len(), 1);
+        assert_eq!(restored.devices(&user).await.unwrap().len(), 1);
+        assert_eq!(crate::store::OutboxStore::outbox_len(&*restored).await.unwrap(), 1);
+        let states = restored.load_user_states(std::slice::from_ref(&quiet)).await.unwrap();
+        assert_eq!(states[0].as_ref().map(|r| (r.version, r.bytes.clone())), Some((3, b"stays".to_vec())));
+        restored.health().await.unwrap();
+        assert_eq!(std::fs::read_to_string(dest.join(super::IDENTITY_FILE)).unwrap().trim(), store.identity);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
