@@ -182,6 +182,6 @@ async fn a_second_server_on_the_same_data_dir_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("kabao.redb") && stderr.contains("in use"), "{stderr}");
+    assert!(stderr.contains("kabao.fjall") && stderr.contains("in use"), "{stderr}");
     first.child.kill().await.unwrap();
 }
