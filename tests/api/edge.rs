@@ -282,6 +282,29 @@ async fn a_full_batch_fits_the_smallest_ping_budget() {
 }
 
 #[tokio::test]
+async fn one_callers_concurrent_full_batches_wait_their_turn_and_each_gets_its_own_answer() {
+    // Four full batches at once from one admin address hold 40 000 pings, over the caller's
+    // share of the budget (12 500): they queue for the caller's work share, one batch at a
+    // time, instead of being refused; each is answered as if it were alone.
+    let app = spawn().await;
+    app.create(&campaign("c")).await;
+    let t = t0();
+    let batch = |k: usize| -> Vec<serde_json::Value> {
+        (0..10_000).map(|i| inside(&format!("b{k}-u{}", i % 100), t + i as i64)).collect()
+    };
+    let batches: Vec<_> = (0..4).map(batch).collect();
+    let replies = futures::future::join_all(batches.iter().map(|b| app.pings(b))).await;
+    for (k, reply) in replies.iter().enumerate() {
+        assert_eq!(reply.body["accepted"], 10_000, "{}", reply.text);
+        let events = reply.body["events"].as_array().unwrap();
+        // Each of the batch's 100 users enters once: one coupon each, all its own.
+        assert_eq!(events.len(), 100, "{}", reply.text);
+        assert!(events.iter().all(|e| e["user_id"].as_str().unwrap().starts_with(&format!("b{k}-"))));
+        assert_eq!(reply.body["ignored"], json!([]));
+    }
+}
+
+#[tokio::test]
 async fn openapi_publishes_request_schemas_and_the_edges_statuses() {
     let app = spawn().await;
     let doc = app.get("/openapi.json").await.body;
