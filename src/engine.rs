@@ -81,9 +81,10 @@ pub struct IngestReport {
 /// A 10 000-ping batch is milliseconds of CPU at each stage (parsing, matching, applying);
 /// run in one go, it holds its worker that long, and a phone's single ping scheduled on that
 /// worker waits for all of it. In slices of this many, with `tokio::task::yield_now()` in
-/// between, the ping waits for one slice (tens of microseconds); the yields cost a few per
-/// thousand pings. The slices change nothing in the result: each stage goes through the same
-/// items in the same order.
+/// between, the ping waits for one slice (a fraction of a millisecond in a release build); a
+/// yield is one trip through the scheduler, little next to a slice's work. The slices change
+/// nothing in the result: each stage goes through the same items in the same order (BENCHMARKS.md,
+/// "Abuse", has the admin flood before and after).
 pub const WORK_SLICE: usize = 256;
 
 /// How often one request re-applies a user whose state other requests keep changing before it

@@ -339,7 +339,7 @@ pub async fn ingest(
     let weight = items.len() as u64;
     // The caller's work share, before the CPU-heavy part (parsing, matching, applying): one
     // caller's flood of batches keeps about one worker busy at a time and waits for the rest
-    // (see `admission`). Held until the reply is built.
+    // (see `admission`). Held until the handler returns.
     let _work = match &request_ticket {
         Some(ticket) => Some(ticket.0.work(weight).await?),
         None => None,
