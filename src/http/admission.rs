@@ -103,7 +103,7 @@ impl InFlight {
 
     /// Admits one request of `caller` declaring `bytes` of body, or refuses it.
     pub fn admit(self: &Arc<Self>, caller: Arc<str>, bytes: u64) -> Result<Ticket, ApiError> {
-        let ticket = Ticket { budget: self.clone(), caller, held: Mutex::new([0; 3]) };
+        let ticket = Ticket { budget: self.clone(), caller, held: Mutex::new([0; 3]), work: Mutex::new(Vec::new()) };
         ticket.take([1, bytes, 0])?;
         Ok(ticket)
     }
@@ -121,6 +121,11 @@ pub struct Ticket {
     budget: Arc<InFlight>,
     caller: Arc<str>,
     held: Mutex<Amounts>,
+    /// The caller's work share this request holds ([`Ticket::work`]). A field, dropped after
+    /// `Drop::drop` has given the budget back: the caller's next request, which may start the
+    /// moment the share is free, then finds this one's pings given back too (it would be
+    /// refused for being over the caller's ping share otherwise).
+    work: Mutex<Vec<WorkPermit>>,
 }
 
 impl Ticket {
@@ -169,9 +174,11 @@ impl Ticket {
 
     /// Waits for `pings` of the caller's work share (at least 1, at most all of it), in the
     /// order the caller's requests asked; after [`WORK_WAIT`], `429 overloaded`. The share is
-    /// given back when the returned permit is dropped.
-    pub async fn work(&self, pings: u64) -> Result<WorkPermit, ApiError> {
-        self.work_within(pings, WORK_WAIT).await
+    /// held until the ticket is dropped, and given back after the rest of the ticket.
+    pub async fn work(&self, pings: u64) -> Result<(), ApiError> {
+        let permit = self.work_within(pings, WORK_WAIT).await?;
+        self.work.lock().push(permit);
+        Ok(())
     }
 
     async fn work_within(&self, pings: u64, wait: Duration) -> Result<WorkPermit, ApiError> {
@@ -202,7 +209,7 @@ impl Ticket {
 }
 
 /// A share of a caller's work, held while its pings are processed (see [`Ticket::work`]).
-pub struct WorkPermit {
+struct WorkPermit {
     budget: Arc<InFlight>,
     caller: Arc<str>,
     permit: Option<OwnedSemaphorePermit>,
@@ -364,20 +371,51 @@ mod tests {
         let b = budget(64, 100_000, 8);
         let first = b.admit("admin:a".into(), 0).unwrap();
         let second = b.admit("admin:a".into(), 0).unwrap();
-        let working = first.work(10_000).await.unwrap();
+        first.work(10_000).await.unwrap();
         let mut waiting = Box::pin(second.work(10_000));
         assert!(waiting.as_mut().now_or_never().is_none(), "the share is taken");
         // Another caller is not held up, nor a small request of a third.
         let other = b.admit("admin:b".into(), 0).unwrap();
         let phone = b.admit("user:phone".into(), 0).unwrap();
-        let others = (other.work(10_000).now_or_never(), phone.work(1).now_or_never());
-        assert!(matches!(others, (Some(Ok(_)), Some(Ok(_)))));
-        drop(others);
-        drop(working);
-        let second_working = waiting.await.unwrap();
+        assert!(matches!(other.work(10_000).now_or_never(), Some(Ok(()))));
+        assert!(matches!(phone.work(1).now_or_never(), Some(Ok(()))));
+        drop((other, phone));
+        drop(first);
+        waiting.await.unwrap();
         assert_eq!(b.working.lock().len(), 1);
-        drop(second_working);
+        drop(second);
         assert!(b.working.lock().is_empty(), "no entry is kept for callers without work");
+    }
+
+    #[tokio::test]
+    async fn the_next_request_starts_once_the_previous_ones_pings_are_given_back() {
+        use std::future::Future;
+        use std::task::{Context, Poll};
+        /// A waker that notes the pings held when the waiting request is woken.
+        struct Watch {
+            budget: Arc<InFlight>,
+            pings_at_wake: Mutex<Option<u64>>,
+        }
+        impl futures::task::ArcWake for Watch {
+            fn wake_by_ref(watch: &Arc<Self>) {
+                *watch.pings_at_wake.lock() = Some(watch.budget.held()[PINGS]);
+            }
+        }
+        let b = budget(64, 100_000, 8);
+        let first = b.admit("admin:a".into(), 0).unwrap();
+        first.work(10_000).await.unwrap();
+        first.take_pings(10_000).unwrap();
+        let second = b.admit("admin:a".into(), 0).unwrap();
+        let watch = Arc::new(Watch { budget: b.clone(), pings_at_wake: Mutex::new(None) });
+        let waker = futures::task::waker(watch.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut waiting = Box::pin(second.work(10_000));
+        assert!(waiting.as_mut().poll(&mut cx).is_pending());
+        drop(first);
+        // Woken only once the first's pings were given back (else its take_pings could be
+        // refused for being over the caller's share).
+        assert_eq!(*watch.pings_at_wake.lock(), Some(0));
+        assert!(matches!(waiting.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
     }
 
     #[tokio::test]
@@ -385,27 +423,27 @@ mod tests {
         use futures::FutureExt;
         let b = budget(64, 100_000, 8);
         let t = b.admit("admin:a".into(), 0).unwrap();
-        let a = t.work(6_000).await.unwrap();
-        let c = t.work(4_000).await.unwrap();
-        assert!(t.work(1).now_or_never().is_none(), "6 000 + 4 000 is the whole share");
+        let a = t.work_within(6_000, WORK_WAIT).await.unwrap();
+        let c = t.work_within(4_000, WORK_WAIT).await.unwrap();
+        assert!(t.work_within(1, WORK_WAIT).now_or_never().is_none(), "6 000 + 4 000 is the whole share");
         drop((a, c));
         // A weight over the share takes all of it (and 0 takes 1).
-        let all = t.work(50_000).await.unwrap();
-        assert!(t.work(0).now_or_never().is_none());
+        let all = t.work_within(50_000, WORK_WAIT).await.unwrap();
+        assert!(t.work_within(0, WORK_WAIT).now_or_never().is_none());
         drop(all);
-        assert!(t.work(0).now_or_never().is_some());
+        assert!(t.work_within(0, WORK_WAIT).now_or_never().is_some());
     }
 
     #[tokio::test]
     async fn a_request_waiting_past_its_wait_is_overloaded_and_uncounted() {
         let b = budget(64, 100_000, 8);
         let t = b.admit("admin:a".into(), 0).unwrap();
-        let working = t.work(10_000).await.unwrap();
+        t.work(10_000).await.unwrap();
         // A zero wait: the share is tried once, then the wait is over.
         assert!(matches!(t.work_within(1, Duration::ZERO).await, Err(ApiError::Overloaded)));
         assert!(t.work_within(1, Duration::ZERO).await.is_err());
         assert_eq!(b.working.lock()["admin:a"].requests, 1);
-        drop(working);
+        drop(t);
         assert!(b.working.lock().is_empty());
     }
 

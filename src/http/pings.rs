@@ -337,15 +337,12 @@ pub async fn ingest(
     let engine = &state.engine;
     let items = scan_body(&bytes)?;
     let weight = items.len() as u64;
-    // The caller's work share, before the CPU-heavy part (parsing, matching, applying): one
-    // caller's flood of batches keeps about one worker busy at a time and waits for the rest
-    // (see `admission`). Held until the handler returns.
-    let _work = match &request_ticket {
-        Some(ticket) => Some(ticket.0.work(weight).await?),
-        None => None,
-    };
-    // A batch weighs its pings in the in-flight budget, not one request.
     if let Some(ticket) = &request_ticket {
+        // The caller's work share, before the CPU-heavy part (parsing, matching, applying): one
+        // caller's flood of batches keeps about one worker busy at a time and waits for the
+        // rest (see `admission`). Held by the ticket, until the reply is built.
+        ticket.0.work(weight).await?;
+        // A batch weighs its pings in the in-flight budget, not one request.
         ticket.0.take_pings(weight.max(1))?;
     }
     // The clock is read once the work may start (a request that waited is judged by then).
