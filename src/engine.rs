@@ -76,6 +76,17 @@ pub struct IngestReport {
     pub events: Vec<IssuedCoupon>,
 }
 
+/// Pings (or users) of one request worked through between two yields to the scheduler.
+///
+/// A 10 000-ping batch is milliseconds of CPU at each stage (parsing, matching, applying);
+/// run in one go, it holds its worker that long, and a phone's single ping scheduled on that
+/// worker waits for all of it. In slices of this many, with `tokio::task::yield_now()` in
+/// between, the ping waits for one slice (a fraction of a millisecond in a release build); a
+/// yield is one trip through the scheduler, little next to a slice's work. The slices change
+/// nothing in the result: each stage goes through the same items in the same order (BENCHMARKS.md,
+/// "Abuse", has the admin flood before and after).
+pub const WORK_SLICE: usize = 256;
+
 /// How often one request re-applies a user whose state other requests keep changing before it
 /// gives up with `503` (the client's retry then starts afresh).
 const MAX_COMMIT_ATTEMPTS: usize = 16;
@@ -282,14 +293,25 @@ impl Engine {
         order.sort_by_key(|&i| pings[i].ts_ms);
 
         let snapshot = self.index.snapshot();
-        let matched = self.match_all(&snapshot, &pings, &order);
+        let matched = self.match_all(&snapshot, &pings, &order).await;
         let mut users = self.read_states(&pings, &order).await?;
 
         let mut report = IngestReport::default();
         for _attempt in 0..MAX_COMMIT_ATTEMPTS {
-            let applied: Vec<UserApplied> =
-                users.iter_mut().map(|user| self.apply_user(&snapshot, &pings, &order, &matched, user)).collect();
-            let commits: Vec<UserCommit> = users.iter().zip(&applied).map(|(u, a)| self.user_commit(u, a)).collect();
+            let mut applied: Vec<UserApplied> = Vec::with_capacity(users.len());
+            let mut commits: Vec<UserCommit> = Vec::with_capacity(users.len());
+            let mut slice = 0;
+            for user in users.iter_mut() {
+                let user_applied = self.apply_user(&snapshot, &pings, &order, &matched, user);
+                commits.push(self.user_commit(user, &user_applied));
+                applied.push(user_applied);
+                // A slice of pings, as `WORK_SLICE` says (users in any order: each is on its own).
+                slice += user.pings.len();
+                if slice >= WORK_SLICE {
+                    slice = 0;
+                    tokio::task::yield_now().await;
+                }
+            }
             let started = Instant::now();
             let results = self.store.commit(commits).await;
             record_store_call("commit", started);
@@ -301,7 +323,10 @@ impl Engine {
             })?;
 
             let mut conflicts = Vec::new();
-            for ((user, applied), result) in users.into_iter().zip(applied).zip(results) {
+            for (n, ((user, applied), result)) in users.into_iter().zip(applied).zip(results).enumerate() {
+                if n > 0 && n % WORK_SLICE == 0 {
+                    tokio::task::yield_now().await;
+                }
                 match result {
                     UserCommitResult::Committed { version, outcomes } => {
                         self.triggers.remember(&user.user_id, version, applied.state);
@@ -337,7 +362,10 @@ impl Engine {
     /// the same rate as batches), is matched alone with `Snapshot::matches` and timed, before the
     /// batch runs (so the sample sees the caches as a ping of the batch would, not warmed by it).
     /// A request's average would hide the slow pings a p99 is about.
-    fn match_all(&self, snapshot: &Snapshot, pings: &[Ping], order: &[usize]) -> (Vec<Hit>, Vec<usize>) {
+    ///
+    /// The batch is matched `WORK_SLICE` pings at a time, yielding between slices; hits and ends
+    /// are appended slice after slice, the same as one call over all of them.
+    async fn match_all(&self, snapshot: &Snapshot, pings: &[Ping], order: &[usize]) -> (Vec<Hit>, Vec<usize>) {
         /// One ping in this many is timed alone (≈ 1.5 % extra matching work).
         const MATCH_SAMPLE_EVERY: u64 = 64;
         /// Pings seen by every engine of the process; decides which ones are sampled.
@@ -359,7 +387,12 @@ impl Engine {
                 k += MATCH_SAMPLE_EVERY as usize;
             }
         }
-        snapshot.matches_many(&positions, &mut hits, &mut ends);
+        for (k, slice) in positions.chunks(WORK_SLICE).enumerate() {
+            if k > 0 {
+                tokio::task::yield_now().await;
+            }
+            snapshot.matches_many(slice, &mut hits, &mut ends);
+        }
         (hits, ends)
     }
 
@@ -378,6 +411,9 @@ impl Engine {
         }
         let mut missing = Vec::new();
         for (slot, user) in users.iter_mut().enumerate() {
+            if slot > 0 && slot % WORK_SLICE == 0 {
+                tokio::task::yield_now().await;
+            }
             match self.triggers.take(&user.user_id) {
                 Some(cached) => user.base = cached,
                 None => missing.push(slot),

@@ -16,16 +16,28 @@
 //!
 //! Over a rate limit: `429 rate_limited` with the bucket's `Retry-After`; over the budget:
 //! `429 overloaded`; nothing applied either way.
+//!
+//! The budget bounds what a caller holds, not the CPU it takes. The handlers that do work in
+//! proportion to pings (`POST /v1/pings`) also take the caller's *work share*
+//! ([`Ticket::work`]): one caller has at most [`WORK_SHARE_PINGS`] pings being parsed, matched
+//! and applied at once, so it keeps at most about one worker busy however many connections it
+//! floods from; its other requests wait their turn (in order, for at most [`WORK_WAIT`], then
+//! `429 overloaded`). Waiting costs no CPU, and what the waiting requests hold (their bodies) is
+//! already counted in the budget, so memory stays bounded too. Within the work, big batches run
+//! in slices that yield to the scheduler (see `crate::engine::WORK_SLICE`), so a phone's ping
+//! does not wait behind a whole batch on the worker it lands on.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::auth::{bearer, Caller};
@@ -42,11 +54,30 @@ const PINGS: usize = 2;
 /// Amounts in each dimension: requests, body bytes, pings.
 type Amounts = [u64; 3];
 
+/// Pings one caller may have in work at once: one full batch. With two workers, a caller
+/// flooding full batches keeps one of them busy and leaves the other to everyone else; a
+/// caller's single request is never larger than this, so it always fits alone.
+pub const WORK_SHARE_PINGS: u32 = crate::http::pings::MAX_BATCH as u32;
+
+/// How long a request waits for its caller's work share before it is refused with
+/// `429 overloaded` (its caller then has more queued than it can be served in that time).
+pub const WORK_WAIT: Duration = Duration::from_secs(10);
+
 /// The in-flight budget: how much work is held at once, in total and per caller.
 pub struct InFlight {
     limits: Amounts,
     shares: Amounts,
     state: Mutex<Held>,
+    /// Each caller's work share (a fair, first-come-first-served semaphore of
+    /// [`WORK_SHARE_PINGS`] permits) and how many requests hold or wait for it; a caller with
+    /// none has no entry, so this is bounded by the requests in flight.
+    working: Mutex<HashMap<Arc<str>, WorkQueue>>,
+}
+
+/// One caller's work share and how many of its requests hold or wait for it.
+struct WorkQueue {
+    share: Arc<Semaphore>,
+    requests: usize,
 }
 
 #[derive(Default)]
@@ -62,12 +93,17 @@ impl InFlight {
     pub fn new(http: &HttpConfig, edge: &EdgeConfig) -> Self {
         let limits = [http.max_in_flight as u64, edge.max_in_flight_body_bytes, edge.max_in_flight_pings];
         let divisor = edge.caller_share.max(1);
-        Self { limits, shares: limits.map(|l| (l / divisor).max(1)), state: Mutex::new(Held::default()) }
+        Self {
+            limits,
+            shares: limits.map(|l| (l / divisor).max(1)),
+            state: Mutex::new(Held::default()),
+            working: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Admits one request of `caller` declaring `bytes` of body, or refuses it.
     pub fn admit(self: &Arc<Self>, caller: Arc<str>, bytes: u64) -> Result<Ticket, ApiError> {
-        let ticket = Ticket { budget: self.clone(), caller, held: Mutex::new([0; 3]) };
+        let ticket = Ticket { budget: self.clone(), caller, held: Mutex::new([0; 3]), work: Mutex::new(Vec::new()) };
         ticket.take([1, bytes, 0])?;
         Ok(ticket)
     }
@@ -85,6 +121,11 @@ pub struct Ticket {
     budget: Arc<InFlight>,
     caller: Arc<str>,
     held: Mutex<Amounts>,
+    /// The caller's work share this request holds ([`Ticket::work`]). A field, dropped after
+    /// `Drop::drop` has given the budget back: the caller's next request, which may start the
+    /// moment the share is free, then finds this one's pings given back too (it would be
+    /// refused for being over the caller's ping share otherwise).
+    work: Mutex<Vec<WorkPermit>>,
 }
 
 impl Ticket {
@@ -129,6 +170,62 @@ impl Ticket {
     /// Body bytes this request holds.
     pub fn bytes(&self) -> u64 {
         self.held.lock()[BYTES]
+    }
+
+    /// Waits for `pings` of the caller's work share (at least 1, at most all of it), in the
+    /// order the caller's requests asked; after [`WORK_WAIT`], `429 overloaded`. The share is
+    /// held until the ticket is dropped, and given back after the rest of the ticket.
+    pub async fn work(&self, pings: u64) -> Result<(), ApiError> {
+        let permit = self.work_within(pings, WORK_WAIT).await?;
+        self.work.lock().push(permit);
+        Ok(())
+    }
+
+    async fn work_within(&self, pings: u64, wait: Duration) -> Result<WorkPermit, ApiError> {
+        let queue = {
+            let mut working = self.budget.working.lock();
+            let entry = working.entry(self.caller.clone()).or_insert_with(|| WorkQueue {
+                share: Arc::new(Semaphore::new(WORK_SHARE_PINGS as usize)),
+                requests: 0,
+            });
+            entry.requests += 1;
+            entry.share.clone()
+        };
+        // Counted before waiting, so a request that gives up (or is dropped) uncounts itself.
+        let mut permit = WorkPermit { budget: self.budget.clone(), caller: self.caller.clone(), permit: None };
+        let n = pings.clamp(1, u64::from(WORK_SHARE_PINGS)) as u32;
+        match tokio::time::timeout(wait, queue.acquire_many_owned(n)).await {
+            Ok(Ok(held)) => {
+                permit.permit = Some(held);
+                Ok(permit)
+            }
+            // Timed out (the semaphore is never closed).
+            _ => {
+                metrics::counter!("kabao_http_shed_total").increment(1);
+                Err(ApiError::Overloaded)
+            }
+        }
+    }
+}
+
+/// A share of a caller's work, held while its pings are processed (see [`Ticket::work`]).
+struct WorkPermit {
+    budget: Arc<InFlight>,
+    caller: Arc<str>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for WorkPermit {
+    fn drop(&mut self) {
+        // Given back first, so the next waiter may start.
+        drop(self.permit.take());
+        let mut working = self.budget.working.lock();
+        if let Some(entry) = working.get_mut(&self.caller) {
+            entry.requests -= 1;
+            if entry.requests == 0 {
+                working.remove(&self.caller);
+            }
+        }
     }
 }
 
@@ -266,6 +363,88 @@ mod tests {
         assert!(matches!(last.take_pings(1), Err(ApiError::Overloaded)));
         drop(others);
         assert!(last.take_pings(1).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_callers_second_full_batch_waits_for_the_first_while_others_work() {
+        use futures::FutureExt;
+        let b = budget(64, 100_000, 8);
+        let first = b.admit("admin:a".into(), 0).unwrap();
+        let second = b.admit("admin:a".into(), 0).unwrap();
+        first.work(10_000).await.unwrap();
+        let mut waiting = Box::pin(second.work(10_000));
+        assert!(waiting.as_mut().now_or_never().is_none(), "the share is taken");
+        // Another caller is not held up, nor a small request of a third.
+        let other = b.admit("admin:b".into(), 0).unwrap();
+        let phone = b.admit("user:phone".into(), 0).unwrap();
+        assert!(matches!(other.work(10_000).now_or_never(), Some(Ok(()))));
+        assert!(matches!(phone.work(1).now_or_never(), Some(Ok(()))));
+        drop((other, phone));
+        drop(first);
+        waiting.await.unwrap();
+        assert_eq!(b.working.lock().len(), 1);
+        drop(second);
+        assert!(b.working.lock().is_empty(), "no entry is kept for callers without work");
+    }
+
+    #[tokio::test]
+    async fn the_next_request_starts_once_the_previous_ones_pings_are_given_back() {
+        use std::future::Future;
+        use std::task::{Context, Poll};
+        /// A waker that notes the pings held when the waiting request is woken.
+        struct Watch {
+            budget: Arc<InFlight>,
+            pings_at_wake: Mutex<Option<u64>>,
+        }
+        impl futures::task::ArcWake for Watch {
+            fn wake_by_ref(watch: &Arc<Self>) {
+                *watch.pings_at_wake.lock() = Some(watch.budget.held()[PINGS]);
+            }
+        }
+        let b = budget(64, 100_000, 8);
+        let first = b.admit("admin:a".into(), 0).unwrap();
+        first.work(10_000).await.unwrap();
+        first.take_pings(10_000).unwrap();
+        let second = b.admit("admin:a".into(), 0).unwrap();
+        let watch = Arc::new(Watch { budget: b.clone(), pings_at_wake: Mutex::new(None) });
+        let waker = futures::task::waker(watch.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut waiting = Box::pin(second.work(10_000));
+        assert!(waiting.as_mut().poll(&mut cx).is_pending());
+        drop(first);
+        // Woken only once the first's pings were given back (else its take_pings could be
+        // refused for being over the caller's share).
+        assert_eq!(*watch.pings_at_wake.lock(), Some(0));
+        assert!(matches!(waiting.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
+    }
+
+    #[tokio::test]
+    async fn small_requests_share_a_callers_work_and_oversize_weights_fit_alone() {
+        use futures::FutureExt;
+        let b = budget(64, 100_000, 8);
+        let t = b.admit("admin:a".into(), 0).unwrap();
+        let a = t.work_within(6_000, WORK_WAIT).await.unwrap();
+        let c = t.work_within(4_000, WORK_WAIT).await.unwrap();
+        assert!(t.work_within(1, WORK_WAIT).now_or_never().is_none(), "6 000 + 4 000 is the whole share");
+        drop((a, c));
+        // A weight over the share takes all of it (and 0 takes 1).
+        let all = t.work_within(50_000, WORK_WAIT).await.unwrap();
+        assert!(t.work_within(0, WORK_WAIT).now_or_never().is_none());
+        drop(all);
+        assert!(t.work_within(0, WORK_WAIT).now_or_never().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_request_waiting_past_its_wait_is_overloaded_and_uncounted() {
+        let b = budget(64, 100_000, 8);
+        let t = b.admit("admin:a".into(), 0).unwrap();
+        t.work(10_000).await.unwrap();
+        // A zero wait: the share is tried once, then the wait is over.
+        assert!(matches!(t.work_within(1, Duration::ZERO).await, Err(ApiError::Overloaded)));
+        assert!(t.work_within(1, Duration::ZERO).await.is_err());
+        assert_eq!(b.working.lock()["admin:a"].requests, 1);
+        drop(t);
+        assert!(b.working.lock().is_empty());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use super::schemas::PingsRequest;
 use super::{body_bytes, AppState};
 use crate::domain::error::{classify, objects_only};
 use crate::domain::{InputError, Ping, PingClock, PingInput};
-use crate::engine::now_ms;
+use crate::engine::{now_ms, WORK_SLICE};
 use crate::store::IssuedCoupon;
 
 /// Most pings one request may carry.
@@ -157,6 +157,7 @@ fn parse_item(json: &str, clock: PingClock) -> Result<Ping, InvalidItem> {
 }
 
 /// What the body held, parsed and validated item by item.
+#[derive(Default)]
 struct Parsed {
     /// Valid pings and their request index.
     valid: Vec<(usize, Ping)>,
@@ -176,7 +177,28 @@ impl Parsed {
     }
 }
 
-fn parse_body(bytes: &[u8], clock: PingClock) -> Result<Parsed, ApiError> {
+/// A body read far enough to know how many pings it holds (what its work weighs), each still
+/// to be parsed.
+enum Items<'a> {
+    /// A single ping (not a batch).
+    Single(&'a str),
+    /// A batch's items, at most [`MAX_BATCH`].
+    Batch(Vec<&'a RawValue>),
+}
+
+impl Items<'_> {
+    /// Items to parse (1 for a single ping).
+    fn len(&self) -> usize {
+        match self {
+            Items::Single(_) => 1,
+            Items::Batch(items) => items.len(),
+        }
+    }
+}
+
+/// Tells a single ping from a batch and splits a batch into its items (a scan of the JSON,
+/// far cheaper than parsing each item); a body that is neither is an error.
+fn scan_body(bytes: &[u8]) -> Result<Items<'_>, ApiError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| ApiError::Malformed { message: "the body is not UTF-8".into(), field: None })?;
     if !text.trim_start().starts_with('{') {
@@ -188,18 +210,7 @@ fn parse_body(bytes: &[u8], clock: PingClock) -> Result<Parsed, ApiError> {
     let mut de = serde_json::Deserializer::from_str(text);
     let envelope: Envelope<'_> = serde_path_to_error::deserialize(&mut de).map_err(classify)?;
     de.end().map_err(|e| ApiError::Malformed { message: e.to_string(), field: None })?;
-    let mut parsed =
-        Parsed { valid: Vec::new(), rejected: Vec::new(), single_error: None, invalid_items_users: Vec::new() };
-    let Some(batch) = envelope.pings else {
-        match parse_item(text, clock) {
-            Ok(ping) => parsed.valid.push((0, ping)),
-            Err(invalid) => {
-                parsed.invalid_items_users.extend(invalid.named_user);
-                parsed.single_error = Some(invalid.error);
-            }
-        }
-        return Ok(parsed);
-    };
+    let Some(batch) = envelope.pings else { return Ok(Items::Single(text)) };
     let items: Vec<&RawValue> = serde_json::from_str(batch.get()).map_err(|e| ApiError::Malformed {
         message: format!("pings must be a list: {e}"),
         field: Some("pings".into()),
@@ -210,8 +221,24 @@ fn parse_body(bytes: &[u8], clock: PingClock) -> Result<Parsed, ApiError> {
             format!("holds {} pings; at most {MAX_BATCH} per request", items.len()),
         ));
     }
-    parsed.valid.reserve(items.len());
-    for (index, item) in items.iter().enumerate() {
+    Ok(Items::Batch(items))
+}
+
+fn parsed_single(text: &str, clock: PingClock) -> Parsed {
+    let mut parsed = Parsed::default();
+    match parse_item(text, clock) {
+        Ok(ping) => parsed.valid.push((0, ping)),
+        Err(invalid) => {
+            parsed.invalid_items_users.extend(invalid.named_user);
+            parsed.single_error = Some(invalid.error);
+        }
+    }
+    parsed
+}
+
+/// Parses a batch's items `from..from + slice.len()` into `parsed`.
+fn parse_slice(slice: &[&RawValue], from: usize, clock: PingClock, parsed: &mut Parsed) {
+    for (index, item) in (from..).zip(slice) {
         match parse_item(item.get(), clock) {
             Ok(ping) => parsed.valid.push((index, ping)),
             Err(invalid) => {
@@ -221,7 +248,39 @@ fn parse_body(bytes: &[u8], clock: PingClock) -> Result<Parsed, ApiError> {
             }
         }
     }
-    Ok(parsed)
+}
+
+/// [`parse_items`] in one go (the fuzz target's path; the handler's yields between slices).
+fn parse_body(bytes: &[u8], clock: PingClock) -> Result<Parsed, ApiError> {
+    Ok(match scan_body(bytes)? {
+        Items::Single(text) => parsed_single(text, clock),
+        Items::Batch(items) => {
+            let mut parsed = Parsed::default();
+            parsed.valid.reserve(items.len());
+            parse_slice(&items, 0, clock, &mut parsed);
+            parsed
+        }
+    })
+}
+
+/// Parses and validates each item. A batch is parsed [`WORK_SLICE`] items at a time, yielding
+/// to the scheduler between slices: parsing is most of a batch's CPU time, and a short request
+/// waiting for this worker then runs after one slice instead of after the whole batch. The
+/// result is the same as [`parse_body`]'s (items are parsed in order, each on its own).
+async fn parse_items(items: Items<'_>, clock: PingClock) -> Parsed {
+    let items = match items {
+        Items::Single(text) => return parsed_single(text, clock),
+        Items::Batch(items) => items,
+    };
+    let mut parsed = Parsed::default();
+    parsed.valid.reserve(items.len());
+    for (k, slice) in items.chunks(WORK_SLICE).enumerate() {
+        if k > 0 {
+            tokio::task::yield_now().await;
+        }
+        parse_slice(slice, k * WORK_SLICE, clock, &mut parsed);
+    }
+    parsed
 }
 
 /// [`crate::fuzzing::ping_body`]: what must hold for any body `parse_body` is given.
@@ -276,11 +335,18 @@ pub async fn ingest(
     let request_ticket = request.extensions().get::<TicketHandle>().cloned();
     let bytes = body_bytes(request, &state).await?;
     let engine = &state.engine;
-    let parsed = parse_body(&bytes, engine.ping_clock(now_ms()))?;
-    // A batch weighs its pings in the in-flight budget, not one request.
-    if let Some(ticket) = request_ticket {
-        ticket.0.take_pings((parsed.valid.len() + parsed.rejected.len()).max(1) as u64)?;
+    let items = scan_body(&bytes)?;
+    let weight = items.len() as u64;
+    if let Some(ticket) = &request_ticket {
+        // The caller's work share, before the CPU-heavy part (parsing, matching, applying): one
+        // caller's flood of batches keeps about one worker busy at a time and waits for the
+        // rest (see `admission`). Held by the ticket, until the reply is built.
+        ticket.0.work(weight).await?;
+        // A batch weighs its pings in the in-flight budget, not one request.
+        ticket.0.take_pings(weight.max(1))?;
     }
+    // The clock is read once the work may start (a request that waited is judged by then).
+    let parsed = parse_items(items, engine.ping_clock(now_ms())).await;
     // Who may send these pings is decided before what is wrong with them: a client naming
     // another user anywhere in its body, in an invalid item too, is refused whole (API.md: a
     // client token used for another user is 403; batches may mix users only as admin).
@@ -327,6 +393,30 @@ mod tests {
         assert_eq!(fields[0].0, 1);
         assert_eq!(fields[0].1, "malformed_json");
         assert_eq!(fields[1], (2, "invalid_field", Some("pings[2].lat".into())));
+    }
+
+    #[tokio::test]
+    async fn a_batch_parsed_in_slices_is_parsed_as_in_one_go() {
+        // Over three slices, with bad items in each and on the slices' edges.
+        let n = 2 * WORK_SLICE + 7;
+        let bad = [0, WORK_SLICE - 1, WORK_SLICE, 2 * WORK_SLICE + 6];
+        let items: Vec<String> = (0..n)
+            .map(|i| match bad.contains(&i) {
+                true => format!(r#"{{"user_id":"u{i}","lat":95,"lon":2}}"#),
+                false => format!(r#"{{"user_id":"u{i}","lat":1,"lon":{}}}"#, i as f64 / 1000.0),
+            })
+            .collect();
+        let body = format!(r#"{{"pings":[{}]}}"#, items.join(","));
+        let whole = parse_body(body.as_bytes(), CLOCK).ok().unwrap();
+        let Ok(scanned) = scan_body(body.as_bytes()) else { panic!("a batch") };
+        assert_eq!(scanned.len(), n);
+        let sliced = parse_items(scanned, CLOCK).await;
+        assert_eq!(sliced.valid, whole.valid);
+        assert_eq!(sliced.valid.len(), n - bad.len());
+        let rejected = |p: &Parsed| p.rejected.iter().map(|r| (r.index, r.error.field.clone())).collect::<Vec<_>>();
+        assert_eq!(rejected(&sliced), rejected(&whole));
+        assert_eq!(rejected(&sliced).iter().map(|r| r.0).collect::<Vec<_>>(), bad);
+        assert_eq!(sliced.invalid_items_users, whole.invalid_items_users);
     }
 
     #[test]

@@ -20,11 +20,17 @@
 //!   writes the error object in its place. kabao's own, smaller limits on heads and targets are
 //!   enforced by the router (see `check_head` in `mod.rs`) and answered the ordinary way.
 //!   Over HTTP/2 (h2c) the h2 layer answers one request itself: a header list over
-//!   `SETTINGS_MAX_HEADER_LIST_SIZE` (the same 256 KiB, advertised to the peer, so a conforming
-//!   client refuses to send it) gets a bodiless `431`; everything else it refuses is a
-//!   `RST_STREAM`, no HTTP status at all. That one reply is HPACK-coded and flow-controlled
-//!   inside h2, so it is not rewritten here; every head below it reaches `check_head` and gets
-//!   the error object (tests/api/edge.rs checks each 4xx over h2c).
+//!   `SETTINGS_MAX_HEADER_LIST_SIZE` gets a bodiless `431` (up to 4 times that; beyond, h2 closes
+//!   the connection); everything else it refuses is a `RST_STREAM`, no HTTP status at all. That
+//!   reply is HPACK-coded and flow-controlled inside h2, so it cannot be rewritten here. Instead
+//!   h2's limit is set well above kabao's own ([`H2_MAX_HEADER_LIST`], 1 MiB, advertised to the
+//!   peer, so a conforming client never sends more): every header list below it reaches
+//!   `check_head`, which answers anything over `max_header_bytes` with `431` and the error
+//!   object, as over HTTP/1 (tests/api/edge.rs checks each 4xx over h2c, a 300 KiB header list
+//!   too). Memory stays bounded: h2 decodes one header block at a time per connection, keeps at
+//!   most about 1.25 × the limit of it encoded and the limit of it decoded, and `check_head`
+//!   drops an oversize request before any handler runs. Above the limit (a client ignoring the
+//!   advertised setting) h2's bodiless `431` remains.
 //!
 //! Body-read rate, rate limits and the in-flight budget are request-level and live in
 //! `mod.rs`, `rate_limit.rs` and `admission.rs`.
@@ -59,6 +65,12 @@ use crate::config::EdgeConfig;
 /// kabao's check (which answers with the error object directly) and only gross excess is cut
 /// by hyper (whose reply [`EdgeIo`] rewrites).
 const HYPER_MAX_BUF: usize = 256 * 1024;
+
+/// The largest HTTP/2 header list h2 hands on (`SETTINGS_MAX_HEADER_LIST_SIZE`, decoded size):
+/// far above kabao's `max_header_bytes`, so that an oversize head reaches `check_head` and is
+/// answered with the error object, not with h2's own bodiless `431` (see the module doc). It
+/// bounds what one connection's header block may take while it is decoded.
+const H2_MAX_HEADER_LIST: usize = 1024 * 1024;
 
 /// File descriptors kept free of connections: the store's files, the push clients' sockets,
 /// logs.
@@ -181,7 +193,7 @@ fn hyper_builder(edge: &EdgeConfig) -> auto::Builder<TokioExecutor> {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(HYPER_MAX_BUF.max(edge.max_header_bytes * 2)).unwrap_or(u32::MAX))
+        .max_header_list_size(u32::try_from(H2_MAX_HEADER_LIST.max(edge.max_header_bytes * 4)).unwrap_or(u32::MAX))
         .max_concurrent_streams(200)
         // Pings keep an idle-looking but live HTTP/2 connection honest: a peer that stopped
         // answering is dropped; a live one is still closed by the idle timeout.
