@@ -6,13 +6,13 @@
 //! about what a person, a log pipeline or a trace backend reads.
 
 use std::fmt::Write;
+use std::future::Future;
 use std::io::IsTerminal;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::extract::{MatchedPath, Request};
-use axum::middleware::Next;
 use axum::response::Response;
 use clap::ValueEnum;
 use opentelemetry::trace::TracerProvider as _;
@@ -212,14 +212,19 @@ pub fn user_hash_of(user: &str) -> String {
     hex
 }
 
-/// The middleware every route runs under: a `request` span (route template, method, the user's
+/// What every route runs under (called by the router's outermost middleware with the rest of
+/// the request as `inner`): a `request` span (route template, method, the user's
 /// [`user_hash`] where the path names a user; status and latency recorded when the answer is
 /// ready) around the handler, a `debug` line per request, a `warn` line per `5xx`, and the
 /// request metrics (`kabao_http_requests_total`, `kabao_http_request_duration_seconds`).
 ///
 /// The route is the matched template (`/v1/users/{user_id}/coupons`), never the path: paths carry
 /// user ids. A client token's user is recorded by the admission layer ([`record_user`]).
-pub async fn observe_request(request: Request, next: Next) -> Response {
+pub async fn observe_request<F, R>(request: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> R,
+    R: Future<Output = Response>,
+{
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -238,7 +243,7 @@ pub async fn observe_request(request: Request, next: Next) -> Response {
         span.record("user_hash", user_hash_of(&user));
     }
     let started = Instant::now();
-    let response = next.run(request).instrument(span.clone()).await;
+    let response = inner(request).instrument(span.clone()).await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     // As i64: tracing-opentelemetry exports a u64 as a string.

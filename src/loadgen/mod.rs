@@ -8,10 +8,11 @@
 //! errors by status, and writes the result as JSON and as an HTML page with inline SVG
 //! ([`report`]).
 //!
-//! The client is hyper's HTTP/1.1 connection API, one keep-alive connection per `--connections`,
-//! and request bodies are written by hand: the generator shares the machine with the server it
-//! measures, so it should cost as little as it can.
+//! The client ([`client`]) is HTTP/1.1 written over the socket, one keep-alive connection per
+//! `--connections`, and request bodies are written by hand: the generator shares the machine
+//! with the server it measures, so it should cost as little as it can.
 
+pub mod client;
 pub mod fences;
 pub mod report;
 pub mod schedule;
@@ -24,11 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::engine::now_ms;
@@ -460,7 +457,7 @@ async fn connection(
     answered: Arc<AtomicU64>,
 ) -> Tally {
     let mut tally = Tally::default();
-    let mut sender: Option<SendRequest<Full<Bytes>>> = None;
+    let mut client = client::Client::new(&target.addr, &target.host, &target.path);
     for j in 0u64.. {
         let due = schedule.due(c, j);
         let at = due.unwrap_or_else(|| start.elapsed());
@@ -473,7 +470,7 @@ async fn connection(
         let sent = start.elapsed();
         let request = work.next_request(now_ms());
         let pings = request.pings as u64;
-        let outcome = send(&mut sender, &target, request).await;
+        let outcome = client.post(&request.bearer, &request.body).await;
         let done = start.elapsed();
         answered.fetch_add(1, Ordering::Relaxed);
         let offset = due.unwrap_or(sent);
@@ -484,14 +481,15 @@ async fn connection(
         tally.last_done = tally.last_done.max(done);
         tally.record((offset - schedule.warmup).as_secs() as usize, schedule.latency(due, sent, done));
         match outcome {
-            Ok((200, body)) => {
+            Ok(200) => {
+                let body = client.body();
                 tally.ok += 1;
                 tally.pings += pings;
-                tally.accepted += accepted_of(&body);
-                tally.ignored += occurrences(&body, b"\"reason\":");
-                tally.events += occurrences(&body, b"\"coupon_issued\"");
+                tally.accepted += accepted_of(body);
+                tally.ignored += occurrences(body, b"\"reason\":");
+                tally.events += occurrences(body, b"\"coupon_issued\"");
             }
-            Ok((status, _)) => *tally.errors.entry(status.to_string()).or_default() += 1,
+            Ok(status) => *tally.errors.entry(status.to_string()).or_default() += 1,
             Err(e) => {
                 tracing::debug!(error = %e, "request failed");
                 *tally.errors.entry("transport".into()).or_default() += 1;
@@ -502,49 +500,6 @@ async fn connection(
     }
     tally.churned = work.churned();
     tally
-}
-
-/// Sends one request over the connection, (re)connecting first when there is none; a failed
-/// connection is dropped so the next request opens a new one.
-async fn send(
-    sender: &mut Option<SendRequest<Full<Bytes>>>,
-    target: &Target,
-    request: workload::Request,
-) -> anyhow::Result<(u16, Bytes)> {
-    if sender.as_ref().is_none_or(|s| s.is_closed()) {
-        *sender = Some(connect(target).await?);
-    }
-    let Some(s) = sender.as_mut() else { unreachable!("connected above") };
-    let http_request = hyper::Request::post(&target.path)
-        .header(hyper::header::HOST, &target.host)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .header(hyper::header::AUTHORIZATION, request.bearer)
-        .body(Full::new(Bytes::from(request.body)))?;
-    let result = async {
-        s.ready().await?;
-        let response = s.send_request(http_request).await?;
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await?.to_bytes();
-        anyhow::Ok((status, body))
-    }
-    .await;
-    if result.is_err() {
-        *sender = None;
-    }
-    result
-}
-
-async fn connect(target: &Target) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-    let stream =
-        tokio::net::TcpStream::connect(&target.addr).await.with_context(|| format!("connecting to {}", target.addr))?;
-    stream.set_nodelay(true)?;
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "connection closed");
-        }
-    });
-    Ok(sender)
 }
 
 /// The `accepted` count of a pings reply, read without parsing the whole reply.
