@@ -263,7 +263,7 @@ fn row(what: &str, s: &Served) {
 
 fn main() {
     let o = options();
-    let scratch = tempfile::tempdir_in(std::env::current_dir().unwrap()).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
     let dir = o.dir.clone().unwrap_or_else(|| scratch.path().join("data"));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
