@@ -1,5 +1,5 @@
-//! Issuance and ingest through the Redis store on loopback, against the in-memory store in the
-//! same run (issue 6, item 6). A plain program, not criterion: each case runs for a fixed amount
+//! Issuance and ingest through the Redis store on loopback, against the embedded store (one
+//! durable node, issue 6 item 6's baseline) and the in-memory store in the same run. A plain program, not criterion: each case runs for a fixed amount
 //! of work and prints throughput and the Redis round trips it made.
 //!
 //! `cargo bench --bench redis_store` (needs `redis-server`; results: BENCHMARKS.md).
@@ -7,7 +7,10 @@
 //! - **store issuance**: `IssueStore::commit` of requests of 500 users with one candidate each
 //!   (every candidate issues: fresh users), 4 requests in flight.
 //! - **HTTP batches**: `POST /v1/pings` with 500 pings of 500 users entering a fence, against two
-//!   nodes on one Redis (round-robin) and one node on the memory store, 8 clients.
+//!   nodes on one Redis (round-robin) and one node on each of the embedded and memory stores,
+//!   8 clients.
+//! - **HTTP batches, nothing issued**: the same, 500 of 5 000 users moving outside the fence
+//!   (every ping applied, its state committed).
 //! - **HTTP single pings**: one ping per request, 64 clients; sticky (a user always on the same
 //!   node) and round-robin, with round trips per request.
 
@@ -20,6 +23,7 @@ use std::time::{Duration, Instant};
 use kabao::app::Application;
 use kabao::config::Config;
 use kabao::domain::{CampaignId, Caps, CouponId, FenceId, UserId};
+use kabao::store::embedded::{EmbeddedConfig, EmbeddedStore};
 use kabao::store::memory::MemoryStore;
 use kabao::store::redis::test_server::RedisServer;
 use kabao::store::redis::RedisStore;
@@ -160,6 +164,24 @@ fn batch_body(tag: &'static str) -> Arc<dyn Fn(usize) -> serde_json::Value + Sen
     })
 }
 
+/// Batches of 500 pings of 5 000 users (ten groups of 500, request i is group i % 10's
+/// (i / 10)-th step) moving between two places outside the fence: every ping applied and its
+/// state committed, nothing issued — the ingest path without issuance.
+fn moving_batch_body(tag: &'static str) -> Arc<dyn Fn(usize) -> serde_json::Value + Send + Sync> {
+    let t0 = now_ms() - 3_600_000;
+    Arc::new(move |i| {
+        let (group, step) = (i % 10, i / 10);
+        let lat = if step % 2 == 0 { 22.5531 } else { 22.5631 };
+        let pings: Vec<_> = (0..USERS_PER_REQUEST)
+            .map(|u| {
+                json!({"user_id": format!("{tag}{group}-{u}"), "lat": lat, "lon": 114.0579,
+                       "ts_ms": t0 + step as i64 * 1000})
+            })
+            .collect();
+        json!({ "pings": pings })
+    })
+}
+
 /// Single pings of 1 000 users walking in and out; request i is user i % 1000's (i / 1000)-th ping.
 fn single_body(tag: &'static str) -> Arc<dyn Fn(usize) -> serde_json::Value + Send + Sync> {
     let t0 = now_ms() - 3_600_000;
@@ -179,14 +201,21 @@ async fn main() {
     let server = RedisServer::start();
     println!("redis-server on port {}; {} cores", server.port(), std::thread::available_parallelism().unwrap());
 
-    // Store level.
+    // Store level. The embedded store (durable, one node) is issue 6's baseline; the in-memory
+    // store shows what the rules cost with no storage at all.
+    let scratch = tempfile::tempdir().unwrap();
+    let embedded = |name: &str| -> Arc<dyn Store> {
+        EmbeddedStore::open(EmbeddedConfig::new(scratch.path().join(name))).expect("the embedded store opens")
+    };
     let memory_rate = store_issuance("memory", Arc::new(MemoryStore::new()), 200).await;
+    let embedded_rate = store_issuance("embedded", embedded("issuance"), 200).await;
     let redis = RedisStore::connect(&server.url()).await.unwrap();
     let before = redis.round_trips();
     let redis_rate = store_issuance("redis", Arc::new(redis.clone()), 200).await;
     println!(
-        "  redis round trips per 500-user commit: {:.2}; redis/memory = {:.2}",
+        "  redis round trips per 500-user commit: {:.2}; redis/embedded = {:.2}; redis/memory = {:.2}",
         (redis.round_trips() - before) as f64 / 200.0,
+        redis_rate / embedded_rate,
         redis_rate / memory_rate
     );
 
@@ -194,6 +223,8 @@ async fn main() {
     let http = reqwest::Client::new();
     let memory_node = node(Arc::new(MemoryStore::new())).await;
     create_campaign(&http, &memory_node).await;
+    let embedded_node = node(embedded("http")).await;
+    create_campaign(&http, &embedded_node).await;
     let stores: Vec<RedisStore> = {
         let mut v = Vec::new();
         for _ in 0..2 {
@@ -208,6 +239,7 @@ async fn main() {
     create_campaign(&http, &redis_nodes[0]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let one = Arc::new(vec![memory_node]);
+    let one_embedded = Arc::new(vec![embedded_node]);
     let two = Arc::new(redis_nodes);
     let rr: Arc<dyn Fn(usize) -> usize + Send + Sync> = Arc::new(|i| i);
     let sticky: Arc<dyn Fn(usize) -> usize + Send + Sync> = Arc::new(|i| i % 1000);
@@ -215,17 +247,34 @@ async fn main() {
     const BATCHES: usize = 200;
     let t = drive(one.clone(), BATCHES, 8, batch_body("mb"), rr.clone()).await;
     let memory_pings = (BATCHES * USERS_PER_REQUEST) as f64 / t.as_secs_f64();
+    let t = drive(one_embedded.clone(), BATCHES, 8, batch_body("eb"), rr.clone()).await;
+    let embedded_pings = (BATCHES * USERS_PER_REQUEST) as f64 / t.as_secs_f64();
     let before = round_trips(&stores);
     let t = drive(two.clone(), BATCHES, 8, batch_body("rb"), rr.clone()).await;
     let redis_pings = (BATCHES * USERS_PER_REQUEST) as f64 / t.as_secs_f64();
     println!(
-        "HTTP batches of 500: memory 1 node {memory_pings:.0} pings/s; redis 2 nodes {redis_pings:.0} pings/s; {:.2} round trips/request",
+        "HTTP batches of 500: memory 1 node {memory_pings:.0} pings/s; embedded 1 node {embedded_pings:.0} pings/s; redis 2 nodes {redis_pings:.0} pings/s; {:.2} round trips/request",
+        (round_trips(&stores) - before) as f64 / BATCHES as f64
+    );
+
+    let t = drive(one.clone(), BATCHES, 8, moving_batch_body("mm"), rr.clone()).await;
+    let memory_moving = (BATCHES * USERS_PER_REQUEST) as f64 / t.as_secs_f64();
+    let t = drive(one_embedded.clone(), BATCHES, 8, moving_batch_body("em"), rr.clone()).await;
+    let embedded_moving = (BATCHES * USERS_PER_REQUEST) as f64 / t.as_secs_f64();
+    let before = round_trips(&stores);
+    let t = drive(two.clone(), BATCHES, 8, moving_batch_body("rm"), rr.clone()).await;
+    println!(
+        "HTTP batches of 500, moving users, nothing issued: memory 1 node {memory_moving:.0} pings/s; embedded 1 node \
+         {embedded_moving:.0} pings/s; redis 2 nodes {:.0} pings/s; {:.2} round trips/request",
+        (BATCHES * USERS_PER_REQUEST) as f64 / t.as_secs_f64(),
         (round_trips(&stores) - before) as f64 / BATCHES as f64
     );
 
     const SINGLES: usize = 20_000;
     let t = drive(one.clone(), SINGLES, 64, single_body("ms"), rr.clone()).await;
     println!("HTTP single pings: memory 1 node {:.0} requests/s", SINGLES as f64 / t.as_secs_f64());
+    let t = drive(one_embedded.clone(), SINGLES, 64, single_body("es"), rr.clone()).await;
+    println!("HTTP single pings: embedded 1 node {:.0} requests/s", SINGLES as f64 / t.as_secs_f64());
     // A user's consecutive pings (requests i, i + 1000, …) alternate between the two nodes.
     let alternating: Arc<dyn Fn(usize) -> usize + Send + Sync> = Arc::new(|i| i / 1000 + i);
     for (name, route, tag) in [("sticky", sticky, "rs"), ("round-robin", alternating, "rr")] {
