@@ -142,7 +142,10 @@ pub async fn open_store(choice: &StoreChoice, max_tracked_users: usize) -> anyho
                 max_user_states: max_tracked_users,
                 ..EmbeddedConfig::new(data_dir)
             };
-            Ok(EmbeddedStore::open(config)?)
+            let store = EmbeddedStore::open(config)?;
+            #[cfg(unix)]
+            backup_on_sigusr1(&store, data_dir);
+            Ok(store)
         }
         StoreChoice::Redis { url } => {
             let store = RedisStore::connect(url.expose()).await.context("connecting to the Redis store")?;
@@ -150,6 +153,34 @@ pub async fn open_store(choice: &StoreChoice, max_tracked_users: usize) -> anyho
             Ok(Arc::new(store))
         }
     }
+}
+
+/// `kill -USR1 <pid>` writes a consistent copy of the running embedded store into
+/// `<data dir>/backups/<UTC time>/` (a data directory of its own: `kabao serve --data-dir` on it
+/// is the store as of that moment) and logs where, or why not. As Redis's `BGSAVE`, it runs
+/// beside serving; a signal rather than an HTTP route, so the API stays API.md's.
+#[cfg(unix)]
+fn backup_on_sigusr1(store: &Arc<EmbeddedStore>, data_dir: &std::path::Path) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut signals = match signal(SignalKind::user_defined1()) {
+        Ok(signals) => signals,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGUSR1: no backups on signal");
+            return;
+        }
+    };
+    let store = Arc::downgrade(store);
+    let backups = data_dir.join("backups");
+    tokio::spawn(async move {
+        while signals.recv().await.is_some() {
+            let Some(store) = store.upgrade() else { return };
+            let dest = backups.join(chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ").to_string());
+            match store.snapshot_into(&dest).await {
+                Ok(rows) => tracing::info!(path = %dest.display(), rows, "backup written"),
+                Err(e) => tracing::error!(path = %dest.display(), error = %e, "backup failed"),
+            }
+        }
+    });
 }
 
 /// Runs `kabao store …`.
