@@ -82,8 +82,12 @@ enum T {
     /// (user, device) → device.
     Devices,
     UserStates,
+    /// Coupon id → its wallet key: what a lookup or a redemption by id, a purge and the check for
+    /// a duplicate id go through.
     Coupons,
-    /// (user, newest-first time, coupon id) → (): the wallet's order and the daily cap's index.
+    /// (user, newest-first time, coupon id) → the coupon's record (`StoredCoupon`): the wallet's
+    /// order, the daily cap's index, and the coupons themselves, so a wallet read is one range
+    /// scan and not one random point read per coupon (BENCHMARKS.md, "Stores", 2026-12-04).
     Wallets,
     /// (expiry time, coupon id) → user: what the retention purge walks.
     Expiries,
@@ -363,7 +367,7 @@ fn expiry_key(expires_at_ms: i64, coupon: &CouponId) -> Vec<u8> {
     key(&[&ordered(expires_at_ms), coupon.as_str().as_bytes()])
 }
 
-/// The coupon id that ends a wallet key (user, time, coupon id) or an expiry key (time, coupon
+/// The coupon id that ends an expiry key (time, coupon id) or a wallet key (user, time, coupon
 /// id): what follows the fixed-size time part at `time_at`.
 fn coupon_id_after_time(key: &[u8], time_at: usize) -> Result<&str, StoreError> {
     // The time part is its 2-byte length and 8 bytes; then the id's 2-byte length.
@@ -467,8 +471,9 @@ fn record(tx: &mut Tx<'_, '_>, memory: &mut Memory, coupon: &IssuedCoupon) -> Re
         record: CouponRecord { coupon: coupon.clone(), redeemed_at_ms: None },
         incarnation: c.incarnation,
     };
-    tx.insert(T::Coupons, coupon.coupon_id.as_str().as_bytes(), &encode(&stored));
-    tx.insert(T::Wallets, &wallet_key(&coupon.user_id, coupon.issued_at_ms, &coupon.coupon_id), b"");
+    let wallet = wallet_key(&coupon.user_id, coupon.issued_at_ms, &coupon.coupon_id);
+    tx.insert(T::Coupons, coupon.coupon_id.as_str().as_bytes(), &wallet);
+    tx.insert(T::Wallets, &wallet, &encode(&stored));
     if let Some(expires) = coupon.expires_at_ms {
         tx.insert(T::Expiries, &expiry_key(expires, &coupon.coupon_id), coupon.user_id.as_str().as_bytes());
     }
@@ -524,7 +529,12 @@ fn open_database(path: &Path, cache_bytes: usize) -> fjall::Result<(SingleWriter
     let mut keyspaces = Vec::with_capacity(T::ALL.len());
     for t in T::ALL {
         let memtable = if t.hot() { HOT_MEMTABLE_BYTES } else { COLD_MEMTABLE_BYTES };
-        keyspaces.push(db.keyspace(t.name(), || KeyspaceCreateOptions::default().max_memtable_size(memtable))?);
+        // A point read of the wallets is by a key taken from the coupons keyspace, so it finds its
+        // row: no filter is built for their last level (most of their bytes), nor held in memory.
+        // The coupons keyspace keeps its filters: the check for a duplicate id misses.
+        let options =
+            || KeyspaceCreateOptions::default().max_memtable_size(memtable).expect_point_read_hits(t == T::Wallets);
+        keyspaces.push(db.keyspace(t.name(), options)?);
     }
     Ok((db, Keyspaces(keyspaces)))
 }
@@ -785,10 +795,8 @@ impl EmbeddedStore {
             }
             for expiry in &doomed {
                 let coupon_id = coupon_id_after_time(expiry, 0)?;
-                if let Some(v) = tx.remove(T::Coupons, coupon_id.as_bytes())? {
-                    let stored: StoredCoupon = decode("coupon", &v)?;
-                    let c = &stored.record.coupon;
-                    tx.remove(T::Wallets, &wallet_key(&c.user_id, c.issued_at_ms, &c.coupon_id))?;
+                if let Some(wallet) = tx.remove(T::Coupons, coupon_id.as_bytes())? {
+                    tx.remove(T::Wallets, &wallet)?;
                 }
                 tx.remove(T::Expiries, expiry)?;
             }
@@ -1063,19 +1071,19 @@ impl DeviceStore for EmbeddedStore {
             let keys_of = |tx: &Tx<'_, '_>, t: T| -> Result<Vec<Slice>, StoreError> {
                 tx.prefix(t, &prefix).map(|row| row.map(|(k, _)| k)).collect()
             };
+            let held: Vec<Row> = tx.prefix(T::Wallets, &prefix).collect::<Result<_, _>>()?;
             for k in keys_of(tx, T::Devices)? {
                 tx.remove(T::Devices, &k)?;
             }
             for k in keys_of(tx, T::IssueTimes)? {
                 tx.remove(T::IssueTimes, &k)?;
             }
-            for wallet in keys_of(tx, T::Wallets)? {
-                let coupon_id = coupon_id_after_time(&wallet, prefix.len())?;
-                if let Some(v) = tx.remove(T::Coupons, coupon_id.as_bytes())? {
-                    let stored: StoredCoupon = decode("coupon", &v)?;
-                    if let Some(expires) = stored.record.coupon.expires_at_ms {
-                        tx.remove(T::Expiries, &expiry_key(expires, &stored.record.coupon.coupon_id))?;
-                    }
+            for (wallet, v) in held {
+                let stored: StoredCoupon = decode("coupon", &v)?;
+                let coupon = &stored.record.coupon;
+                tx.remove(T::Coupons, coupon.coupon_id.as_str().as_bytes())?;
+                if let Some(expires) = coupon.expires_at_ms {
+                    tx.remove(T::Expiries, &expiry_key(expires, &coupon.coupon_id))?;
                 }
                 tx.remove(T::Wallets, &wallet)?;
             }
@@ -1216,11 +1224,8 @@ impl IssueStore for EmbeddedStore {
             let prefix = user_prefix(user);
             let mut out = Vec::new();
             for row in view.prefix(T::Wallets, &prefix) {
-                let (k, _) = row?;
-                let coupon_id = coupon_id_after_time(&k, prefix.len())?;
-                if let Some(v) = view.get(T::Coupons, coupon_id)? {
-                    out.push(decode::<StoredCoupon>("coupon", &v)?.record);
-                }
+                let (_, v) = row?;
+                out.push(decode::<StoredCoupon>("coupon", &v)?.record);
             }
             Ok(out)
         })
@@ -1228,7 +1233,8 @@ impl IssueStore for EmbeddedStore {
 
     async fn coupon(&self, id: &CouponId) -> Result<Option<CouponRecord>, StoreError> {
         self.read(|view| {
-            let value = view.get(T::Coupons, id.as_str())?;
+            let Some(wallet) = view.get(T::Coupons, id.as_str())? else { return Ok(None) };
+            let value = view.get(T::Wallets, wallet)?;
             value.map(|v| decode::<StoredCoupon>("coupon", &v).map(|c| c.record)).transpose()
         })
     }
@@ -1237,7 +1243,10 @@ impl IssueStore for EmbeddedStore {
         let (id, merchant_id) = (id.clone(), merchant_id.to_owned());
         let outcome = self
             .write(move |tx, _| {
-                let Some(v) = tx.get(T::Coupons, id.as_str())? else {
+                let Some(wallet) = tx.get(T::Coupons, id.as_str())? else {
+                    return Ok(Err(RedeemError::NotFound));
+                };
+                let Some(v) = tx.get(T::Wallets, &wallet)? else {
                     return Ok(Err(RedeemError::NotFound));
                 };
                 let mut stored: StoredCoupon = decode("coupon", &v)?;
@@ -1253,7 +1262,7 @@ impl IssueStore for EmbeddedStore {
                     return Ok(Err(RedeemError::WrongMerchant));
                 }
                 stored.record.redeemed_at_ms = Some(now_ms);
-                tx.insert(T::Coupons, id.as_str().as_bytes(), &encode(&stored));
+                tx.insert(T::Wallets, &wallet, &encode(&stored));
                 let campaign = stored.record.coupon.campaign_id.clone();
                 if let Some(mut c) = counters(tx, &campaign)? {
                     if c.incarnation == stored.incarnation {
