@@ -87,6 +87,24 @@ pub struct IngestReport {
 /// "Abuse", has the admin flood before and after).
 pub const WORK_SLICE: usize = 256;
 
+/// Counts a request's work and yields to the scheduler each time another [`WORK_SLICE`] of it is
+/// done: the one place the stages of a big request (parsing, matching, applying) share the rule.
+#[derive(Default)]
+pub struct Pacer {
+    since_yield: usize,
+}
+
+impl Pacer {
+    /// Notes `work` more items done (pings or users); yields once a slice's worth has gathered.
+    pub async fn done(&mut self, work: usize) {
+        self.since_yield += work;
+        if self.since_yield >= WORK_SLICE {
+            self.since_yield = 0;
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
 /// How often one request re-applies a user whose state other requests keep changing before it
 /// gives up with `503` (the client's retry then starts afresh).
 const MAX_COMMIT_ATTEMPTS: usize = 16;
@@ -300,17 +318,13 @@ impl Engine {
         for _attempt in 0..MAX_COMMIT_ATTEMPTS {
             let mut applied: Vec<UserApplied> = Vec::with_capacity(users.len());
             let mut commits: Vec<UserCommit> = Vec::with_capacity(users.len());
-            let mut slice = 0;
+            let mut pacer = Pacer::default();
             for user in users.iter_mut() {
                 let user_applied = self.apply_user(&snapshot, &pings, &order, &matched, user);
                 commits.push(self.user_commit(user, &user_applied));
                 applied.push(user_applied);
-                // A slice of pings, as `WORK_SLICE` says (users in any order: each is on its own).
-                slice += user.pings.len();
-                if slice >= WORK_SLICE {
-                    slice = 0;
-                    tokio::task::yield_now().await;
-                }
+                // Counted in pings (users in any order: each is on its own).
+                pacer.done(user.pings.len()).await;
             }
             let started = Instant::now();
             let results = self.store.commit(commits).await;
@@ -323,10 +337,9 @@ impl Engine {
             })?;
 
             let mut conflicts = Vec::new();
-            for (n, ((user, applied), result)) in users.into_iter().zip(applied).zip(results).enumerate() {
-                if n > 0 && n % WORK_SLICE == 0 {
-                    tokio::task::yield_now().await;
-                }
+            let mut pacer = Pacer::default();
+            for ((user, applied), result) in users.into_iter().zip(applied).zip(results) {
+                pacer.done(1).await;
                 match result {
                     UserCommitResult::Committed { version, outcomes } => {
                         self.triggers.remember(&user.user_id, version, applied.state);
@@ -387,11 +400,10 @@ impl Engine {
                 k += MATCH_SAMPLE_EVERY as usize;
             }
         }
-        for (k, slice) in positions.chunks(WORK_SLICE).enumerate() {
-            if k > 0 {
-                tokio::task::yield_now().await;
-            }
+        let mut pacer = Pacer::default();
+        for slice in positions.chunks(WORK_SLICE) {
             snapshot.matches_many(slice, &mut hits, &mut ends);
+            pacer.done(slice.len()).await;
         }
         (hits, ends)
     }
@@ -410,10 +422,9 @@ impl Engine {
             users[slot].pings.push(k);
         }
         let mut missing = Vec::new();
+        let mut pacer = Pacer::default();
         for (slot, user) in users.iter_mut().enumerate() {
-            if slot > 0 && slot % WORK_SLICE == 0 {
-                tokio::task::yield_now().await;
-            }
+            pacer.done(1).await;
             match self.triggers.take(&user.user_id) {
                 Some(cached) => user.base = cached,
                 None => missing.push(slot),

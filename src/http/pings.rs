@@ -17,7 +17,7 @@ use super::schemas::PingsRequest;
 use super::{body_bytes, AppState};
 use crate::domain::error::{classify, objects_only};
 use crate::domain::{InputError, Ping, PingClock, PingInput};
-use crate::engine::{now_ms, WORK_SLICE};
+use crate::engine::{now_ms, Pacer, WORK_SLICE};
 use crate::store::IssuedCoupon;
 
 /// Most pings one request may carry.
@@ -274,11 +274,10 @@ async fn parse_items(items: Items<'_>, clock: PingClock) -> Parsed {
     };
     let mut parsed = Parsed::default();
     parsed.valid.reserve(items.len());
+    let mut pacer = Pacer::default();
     for (k, slice) in items.chunks(WORK_SLICE).enumerate() {
-        if k > 0 {
-            tokio::task::yield_now().await;
-        }
         parse_slice(slice, k * WORK_SLICE, clock, &mut parsed);
+        pacer.done(slice.len()).await;
     }
     parsed
 }
