@@ -17,20 +17,18 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
-/// A ping of `user` inside the shop: with the enter trigger, one coupon.
+/// Coupons issued by a ping of `user` inside the shop at `ts_ms` (the enter trigger: one on
+/// entering, none while the user stays).
+async fn coupons_inside(http: &reqwest::Client, base: &str, user: &str, ts_ms: i64) -> usize {
+    let ping = json!({"user_id": user, "lat": 22.5431, "lon": 114.0579, "ts_ms": ts_ms});
+    let reply = http.post(format!("{base}/v1/pings")).bearer_auth(ADMIN).json(&ping).send().await.unwrap();
+    let reply: Value = reply.json().await.unwrap();
+    reply["events"].as_array().map(Vec::len).unwrap_or_else(|| panic!("no events in {reply}"))
+}
+
+/// `user` enters the shop and gets its coupon.
 async fn enter(http: &reqwest::Client, base: &str, user: &str) {
-    let ping = json!({"user_id": user, "lat": 22.5431, "lon": 114.0579, "ts_ms": now_ms() - 1_000});
-    let reply: Value = http
-        .post(format!("{base}/v1/pings"))
-        .bearer_auth(ADMIN)
-        .json(&ping)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(reply["events"].as_array().map(Vec::len), Some(1), "{reply}");
+    assert_eq!(coupons_inside(http, base, user, now_ms() - 1_000).await, 1, "{user} enters");
 }
 
 async fn wallet_len(http: &reqwest::Client, base: &str, user: &str) -> usize {
@@ -83,17 +81,6 @@ async fn sigusr1_writes_a_backup_that_serves_what_was_there_at_the_signal() {
     assert_eq!(wallet_len(&http, &restored.base, "before").await, 1);
     assert_eq!(wallet_len(&http, &restored.base, "after").await, 0);
     // And the restored store goes on: the user who entered before does not get a second coupon.
-    let ping = json!({"user_id": "before", "lat": 22.5431, "lon": 114.0579, "ts_ms": now_ms()});
-    let reply: Value = http
-        .post(format!("{}/v1/pings", restored.base))
-        .bearer_auth(ADMIN)
-        .json(&ping)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(reply["events"].as_array().map(Vec::len), Some(0), "{reply}");
+    assert_eq!(coupons_inside(&http, &restored.base, "before", now_ms()).await, 0, "the stay was restored");
     let _ = std::fs::remove_dir_all(&data_dir);
 }

@@ -588,7 +588,8 @@ pub async fn push_outcomes(store: &Arc<dyn Store>) {
     drain_outbox(store).await;
 }
 
-fn commit_of(user: &str, expected_version: u64, state: Option<&[u8]>, new_version: u64) -> UserCommit {
+/// A commit of `user`'s trigger state alone (no issue requests), kept an hour.
+pub fn commit_of(user: &str, expected_version: u64, state: Option<&[u8]>, new_version: u64) -> UserCommit {
     UserCommit {
         user_id: uid(user),
         expected_version,

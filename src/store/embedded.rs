@@ -1502,9 +1502,7 @@ mod tests {
 
     use super::{EmbeddedConfig, EmbeddedStore, DB_FILE, FORMAT_1_FILE};
     use crate::domain::{CampaignDoc, CampaignId, DeviceId, UserId};
-    use crate::store::{
-        contract, CampaignStore, Device, DeviceStore, IssueStore, Platform, Store, UserCommit, UserCommitResult,
-    };
+    use crate::store::{contract, CampaignStore, Device, DeviceStore, IssueStore, Platform, Store, UserCommitResult};
 
     fn open(dir: &std::path::Path) -> Arc<EmbeddedStore> {
         EmbeddedStore::open(EmbeddedConfig::new(dir)).expect("opens")
@@ -1566,14 +1564,7 @@ mod tests {
             let device =
                 Device { platform: Platform::Apns, token: "tok".into(), tags: vec!["vip".into()], locale: None };
             store.put_device(&user, &DeviceId::parse("d", "phone").unwrap(), device).await.unwrap();
-            let commit = UserCommit {
-                user_id: user.clone(),
-                expected_version: 0,
-                new_state: Some(b"stays".to_vec()),
-                new_version: 7,
-                keep_for_ms: 3_600_000,
-                issues: Vec::new(),
-            };
+            let commit = contract::commit_of(user.as_str(), 0, Some(b"stays"), 7);
             assert!(matches!(store.commit(vec![commit]).await.unwrap()[0], UserCommitResult::Committed { .. }));
             // Only checkpointed (or issuing) states survive: closing checkpoints.
             store.close().await.unwrap();
@@ -1703,14 +1694,7 @@ mod tests {
         assert_eq!(issued.await, crate::store::IssueOutcome::Issued);
         // A stay that issued nothing: in memory only until a checkpoint, which the snapshot takes.
         let quiet = UserId::parse("u", "sn-quiet").unwrap();
-        let commit = UserCommit {
-            user_id: quiet.clone(),
-            expected_version: 0,
-            new_state: Some(b"stays".to_vec()),
-            new_version: 3,
-            keep_for_ms: 3_600_000,
-            issues: Vec::new(),
-        };
+        let commit = contract::commit_of(quiet.as_str(), 0, Some(b"stays"), 3);
         assert!(matches!(store.commit(vec![commit]).await.unwrap()[0], UserCommitResult::Committed { .. }));
 
         let dest = copy.path().join("kabao-data");
