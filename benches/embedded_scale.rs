@@ -19,11 +19,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kabao::domain::{Campaign, CampaignId, Caps, Circle, CouponId, Fence, FenceId, LatLon, Shape, UserId};
+use kabao::domain::{Campaign, CampaignId, Caps, Circle, Fence, FenceId, LatLon, Shape, UserId};
 use kabao::store::embedded::{EmbeddedConfig, EmbeddedStore};
-use kabao::store::{IssueCandidate, IssueRequest, IssuedCoupon, Store, UserCommit};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use kabao::store::{contract, IssueRequest, Store, UserCommit};
+
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 /// Users the coupons go to (each gets `coupons / USERS` of them), or fewer for a small run.
 const USERS: usize = 1_000_000;
@@ -80,43 +81,18 @@ fn user(n: usize) -> UserId {
     UserId::parse("u", &format!("user-{n}")).unwrap()
 }
 
-/// One request of `USERS_PER_COMMIT` users, each issued one coupon of `campaign` at `ts_ms`.
+/// One request of `USERS_PER_COMMIT` users, each issued one coupon of `campaign` at `ts_ms`
+/// (valid for 30 days, so each also writes its expiry key).
 fn commits(first_user: usize, users: usize, campaign: &CampaignId, ts_ms: i64) -> Vec<UserCommit> {
     (first_user..first_user + USERS_PER_COMMIT)
         .map(|n| {
             let user = user(n % users);
-            let coupon = IssuedCoupon {
-                coupon_id: CouponId::derive(campaign, &user, ts_ms),
-                user_id: user.clone(),
-                campaign_id: campaign.clone(),
-                fence_id: FenceId::parse("f", "a0").unwrap(),
-                merchant_id: Some("meiyijia".into()),
-                title: "20% off coffee".into(),
-                body: Some("Show this at the counter".into()),
-                deep_link: None,
-                image_url: None,
-                issued_at_ms: ts_ms,
-                expires_at_ms: Some(ts_ms + 30 * 86_400_000),
-            };
-            UserCommit {
-                user_id: user.clone(),
-                expected_version: 0,
-                // No trigger state: these figures are about history (coupons), not stays.
-                new_state: None,
-                new_version: 0,
-                keep_for_ms: 0,
-                issues: vec![IssueRequest {
-                    user_id: user,
-                    ts_ms,
-                    seq: 0,
-                    daily_cap: 0,
-                    candidates: vec![IssueCandidate {
-                        coupon,
-                        caps: Caps::default(),
-                        audience_tags: Arc::from(Vec::new()),
-                    }],
-                }],
-            }
+            let mut candidate = contract::candidate(campaign.as_str(), user.as_str(), ts_ms, Caps::default());
+            candidate.coupon.expires_at_ms = Some(ts_ms + 30 * 86_400_000);
+            let mut commit = contract::commit_of(user.as_str(), 0, None, 0);
+            commit.issues =
+                vec![IssueRequest { user_id: user, ts_ms, seq: 0, daily_cap: 0, candidates: vec![candidate] }];
+            commit
         })
         .collect()
 }
@@ -182,29 +158,8 @@ async fn serve(dir: &Path, reads: usize, users: usize, users_with_coupons: bool)
     let mut attempts = 0;
     let (mut child, started, base) = loop {
         let started = Instant::now();
-        let mut child: Child = Command::new(env!("CARGO_BIN_EXE_kabao"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir)
-            .env("KABAO_ADMIN_TOKEN", ADMIN)
-            .env("KABAO_CLIENT_SECRET", "scale-client-secret")
-            .env("KABAO_RATE_LIMIT_REQUESTS_PER_IP_PER_S", "0")
-            .env_remove("KABAO_EPHEMERAL")
-            .env_remove("KABAO_REDIS_URL")
-            .env_remove("KABAO_DATA_DIR")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("kabao starts");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut base = None;
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(url) = line.strip_prefix("kabao listening on ") {
-                base = Some(url.trim().to_owned());
-                break;
-            }
-        }
-        match base {
+        let mut child = support::serve_command(ADMIN).arg("--data-dir").arg(dir).spawn().expect("kabao starts");
+        match support::try_listening(&mut child).await {
             Some(base) => break (child, started, base),
             None => {
                 attempts += 1;

@@ -49,13 +49,18 @@ impl Server {
 /// Reads `child`'s stdout up to its `kabao listening on URL` line and answers the URL; panics if
 /// the process exits first. The rest of stdout is dropped.
 pub async fn listening(child: &mut Child) -> String {
+    try_listening(child).await.expect("kabao exited before listening")
+}
+
+/// [`listening`], answering `None` when the process exits (or closes stdout) first.
+pub async fn try_listening(child: &mut Child) -> Option<String> {
     let mut lines = BufReader::new(child.stdout.take().expect("kabao's stdout is piped")).lines();
     while let Some(line) = lines.next_line().await.expect("reading kabao's stdout") {
         if let Some(url) = line.strip_prefix("kabao listening on ") {
-            return url.trim().to_owned();
+            return Some(url.trim().to_owned());
         }
     }
-    panic!("kabao exited before listening");
+    None
 }
 
 /// A fresh directory under the system's temp dir, named after `what`, this process and a counter.
