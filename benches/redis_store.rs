@@ -192,6 +192,30 @@ fn single_body(tag: &'static str) -> Arc<dyn Fn(usize) -> serde_json::Value + Se
     })
 }
 
+type Body = Arc<dyn Fn(usize) -> serde_json::Value + Send + Sync>;
+
+/// Pings/s of `BATCHES` batch requests, `body(tag)` with each node set's own tag (so each starts
+/// with fresh users), on each of `nodes` in turn; one line, with the Redis round trips per request
+/// of the last (Redis) set.
+async fn batches_on_each(
+    what: &str,
+    nodes: &[(&str, &Arc<Vec<String>>); 3],
+    stores: &[RedisStore],
+    body: fn(&'static str) -> Body,
+    tags: [&'static str; 3],
+) {
+    const BATCHES: usize = 200;
+    let (mut rates, mut per_request) = (Vec::new(), 0.0);
+    for ((name, bases), tag) in nodes.iter().zip(tags) {
+        let before = round_trips(stores);
+        let t = drive(Arc::clone(bases), BATCHES, 8, body(tag), Arc::new(|i| i)).await;
+        rates.push(format!("{name} {:.0} pings/s", (BATCHES * USERS_PER_REQUEST) as f64 / t.as_secs_f64()));
+        // Kept for the last set, the Redis nodes (the others make no Redis round trips).
+        per_request = (round_trips(stores) - before) as f64 / BATCHES as f64;
+    }
+    println!("{what}: {}; {per_request:.2} round trips/request", rates.join("; "));
+}
+
 fn round_trips(stores: &[RedisStore]) -> u64 {
     stores.iter().map(RedisStore::round_trips).sum()
 }
@@ -244,31 +268,10 @@ async fn main() {
     let rr: Arc<dyn Fn(usize) -> usize + Send + Sync> = Arc::new(|i| i);
     let sticky: Arc<dyn Fn(usize) -> usize + Send + Sync> = Arc::new(|i| i % 1000);
 
-    const BATCHES: usize = 200;
-    let t = drive(one.clone(), BATCHES, 8, batch_body("mb"), rr.clone()).await;
-    let memory_pings = (BATCHES * USERS_PER_REQUEST) as f64 / t.as_secs_f64();
-    let t = drive(one_embedded.clone(), BATCHES, 8, batch_body("eb"), rr.clone()).await;
-    let embedded_pings = (BATCHES * USERS_PER_REQUEST) as f64 / t.as_secs_f64();
-    let before = round_trips(&stores);
-    let t = drive(two.clone(), BATCHES, 8, batch_body("rb"), rr.clone()).await;
-    let redis_pings = (BATCHES * USERS_PER_REQUEST) as f64 / t.as_secs_f64();
-    println!(
-        "HTTP batches of 500: memory 1 node {memory_pings:.0} pings/s; embedded 1 node {embedded_pings:.0} pings/s; redis 2 nodes {redis_pings:.0} pings/s; {:.2} round trips/request",
-        (round_trips(&stores) - before) as f64 / BATCHES as f64
-    );
-
-    let t = drive(one.clone(), BATCHES, 8, moving_batch_body("mm"), rr.clone()).await;
-    let memory_moving = (BATCHES * USERS_PER_REQUEST) as f64 / t.as_secs_f64();
-    let t = drive(one_embedded.clone(), BATCHES, 8, moving_batch_body("em"), rr.clone()).await;
-    let embedded_moving = (BATCHES * USERS_PER_REQUEST) as f64 / t.as_secs_f64();
-    let before = round_trips(&stores);
-    let t = drive(two.clone(), BATCHES, 8, moving_batch_body("rm"), rr.clone()).await;
-    println!(
-        "HTTP batches of 500, moving users, nothing issued: memory 1 node {memory_moving:.0} pings/s; embedded 1 node \
-         {embedded_moving:.0} pings/s; redis 2 nodes {:.0} pings/s; {:.2} round trips/request",
-        (BATCHES * USERS_PER_REQUEST) as f64 / t.as_secs_f64(),
-        (round_trips(&stores) - before) as f64 / BATCHES as f64
-    );
+    let nodes = [("memory 1 node", &one), ("embedded 1 node", &one_embedded), ("redis 2 nodes", &two)];
+    batches_on_each("HTTP batches of 500", &nodes, &stores, batch_body, ["mb", "eb", "rb"]).await;
+    let moving = "HTTP batches of 500, moving users, nothing issued";
+    batches_on_each(moving, &nodes, &stores, moving_batch_body, ["mm", "em", "rm"]).await;
 
     const SINGLES: usize = 20_000;
     let t = drive(one.clone(), SINGLES, 64, single_body("ms"), rr.clone()).await;
