@@ -1616,26 +1616,30 @@ mod tests {
         assert!(err.contains(DB_FILE) && err.contains("in use"), "{err}");
     }
 
-    #[test]
-    fn an_unknown_or_damaged_file_is_refused_never_emptied() {
+    /// Why opening `dir` is refused, as the operator reads it (the store's background tasks
+    /// need a runtime to start in, had it opened).
+    fn refusal(dir: &std::path::Path) -> String {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let _guard = rt.enter();
+        EmbeddedStore::open(EmbeddedConfig::new(dir)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn an_unknown_or_damaged_file_is_refused_never_emptied() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(DB_FILE), b"not a database at all, but somebody's data").unwrap();
-        let err = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap_err().to_string();
+        let err = refusal(dir.path());
         assert!(err.contains(DB_FILE), "{err}");
         assert_eq!(std::fs::read(dir.path().join(DB_FILE)).unwrap(), b"not a database at all, but somebody's data");
     }
 
     #[test]
     fn a_directory_in_place_of_the_database_that_fjall_did_not_write_is_refused_and_left_alone() {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let _guard = rt.enter();
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join(DB_FILE);
         std::fs::create_dir(&db).unwrap();
         std::fs::write(db.join("notes.txt"), b"somebody's notes").unwrap();
-        let err = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap_err().to_string();
+        let err = refusal(dir.path());
         assert!(err.contains(DB_FILE) && err.contains("not a kabao database"), "{err}");
         let left: Vec<_> = std::fs::read_dir(&db).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left, vec![std::ffi::OsString::from("notes.txt")]);
@@ -1643,11 +1647,9 @@ mod tests {
 
     #[test]
     fn an_earlier_kabaos_redb_file_is_refused_naming_it_and_left_alone() {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let _guard = rt.enter();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FORMAT_1_FILE), b"redb pages of an earlier kabao").unwrap();
-        let err = EmbeddedStore::open(EmbeddedConfig::new(dir.path())).unwrap_err().to_string();
+        let err = refusal(dir.path());
         assert!(err.contains(FORMAT_1_FILE) && err.contains("format 1"), "{err}");
         assert_eq!(std::fs::read(dir.path().join(FORMAT_1_FILE)).unwrap(), b"redb pages of an earlier kabao");
         // Nothing was created beside it.
