@@ -445,7 +445,7 @@ async fn a_device_deleted_between_issue_and_delivery_gets_nothing() {
 
 #[tokio::test]
 async fn two_nodes_sharing_an_outbox_never_resend_what_a_provider_accepted() {
-    let h = Harness::nodes(2, |c| c.push.concurrency_per_provider = 8).await;
+    let h = Harness::nodes(2, fault_proof).await;
     every_push_accepted_exactly_once(&h).await;
 }
 
@@ -453,8 +453,21 @@ async fn two_nodes_sharing_an_outbox_never_resend_what_a_provider_accepted() {
 async fn two_nodes_on_one_redis_stream_never_resend_what_a_provider_accepted() {
     let redis = RedisServer::start();
     let store = Arc::new(RedisStore::connect(&redis.url()).await.expect("redis"));
-    let h = Harness::nodes_over(store, 2, |c| c.push.concurrency_per_provider = 8).await;
+    let h = Harness::nodes_over(store, 2, fault_proof).await;
     every_push_accepted_exactly_once(&h).await;
+}
+
+/// The faults [`every_push_accepted_exactly_once`] injects: 503s, slow replies, 429s.
+const INJECTED: [u32; 3] = [10, 20, 5];
+const INJECTED_FAULTS: u32 = INJECTED[0] + INJECTED[1] + INJECTED[2];
+
+/// Settings for [`every_push_accepted_exactly_once`]: more attempts than faults injected, so no
+/// push can be failed by them. Which push meets which fault depends on timing (on a slow
+/// machine the first user's two pushes can take four 503s in a row while the others are still
+/// being issued); what the test checks is that retries never become second deliveries.
+fn fault_proof(c: &mut Config) {
+    c.push.concurrency_per_provider = 8;
+    c.push.max_attempts = INJECTED_FAULTS + 1;
 }
 
 /// 40 users with two FCM devices each, a coupon each, faults along the way: every push is
@@ -469,9 +482,9 @@ async fn every_push_accepted_exactly_once(h: &Harness) {
         h.device(user, "tablet", "fcm", &format!("fcm-{user}-2")).await;
     }
     // Some faults along the way: retries must not turn into second deliveries.
-    h.fake.inject(Fault::status("fcm", 503).times(10));
-    h.fake.inject(Fault::delayed("fcm", 30).times(20));
-    h.fake.inject(Fault::status("fcm", 429).retry_after(0).times(5));
+    h.fake.inject(Fault::status("fcm", 503).times(INJECTED[0]));
+    h.fake.inject(Fault::delayed("fcm", 30).times(INJECTED[1]));
+    h.fake.inject(Fault::status("fcm", 429).retry_after(0).times(INJECTED[2]));
     let ts = now_ms() - 60_000;
     let mut issued = 0;
     for user in &users {
