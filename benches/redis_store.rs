@@ -2,7 +2,8 @@
 //! durable node, issue 6 item 6's baseline) and the in-memory store in the same run. A plain program, not criterion: each case runs for a fixed amount
 //! of work and prints throughput and the Redis round trips it made.
 //!
-//! `cargo bench --bench redis_store` (needs `redis-server`; results: BENCHMARKS.md).
+//! `cargo bench --bench redis_store` (needs `redis-server`; results: BENCHMARKS.md); `-- --store-only`
+//! runs the store issuance cases alone.
 //!
 //! - **store issuance**: `IssueStore::commit` of requests of 500 users with one candidate each
 //!   (every candidate issues: fresh users), 4 requests in flight.
@@ -216,6 +217,15 @@ async fn batches_on_each(
     println!("{what}: {}; {per_request:.2} round trips/request", rates.join("; "));
 }
 
+/// `evalsha`'s calls and server-side µs per call since the server started (`INFO commandstats`):
+/// what of a commit's time Redis itself spends, the rest being the client and the network.
+async fn script_time(url: &str) -> String {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.unwrap();
+    info.lines().find(|l| l.starts_with("cmdstat_evalsha:")).unwrap_or("no evalsha calls").to_string()
+}
+
 fn round_trips(stores: &[RedisStore]) -> u64 {
     stores.iter().map(RedisStore::round_trips).sum()
 }
@@ -242,6 +252,10 @@ async fn main() {
         redis_rate / embedded_rate,
         redis_rate / memory_rate
     );
+    println!("  redis-server time per script call: {}", script_time(&server.url()).await);
+    if std::env::args().any(|a| a == "--store-only") {
+        return;
+    }
 
     // HTTP: one memory node vs two Redis nodes.
     let http = reqwest::Client::new();

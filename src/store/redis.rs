@@ -70,6 +70,9 @@ const CHANGES_KEPT: usize = 4096;
 const LOGGED_DOC_MAX_BYTES: usize = 1 << 20;
 /// Dead letters kept (the oldest are dropped first).
 const DEAD_LETTERS_KEPT: usize = 10_000;
+/// The prefix of the coupons-hash fields that hold a user's issue times per campaign (`commit.lua`):
+/// a control character, which no id holds.
+const ISSUE_TIMES_FIELD: &[u8] = b"\x01";
 /// The identity key.
 const IDENTITY_KEY: &str = "kabao:identity";
 /// The outbox stream: one entry per push waiting (see `outbox.lua`).
@@ -142,13 +145,26 @@ impl Scripts {
     }
 }
 
+/// The key layout this kabao reads and writes (README "Redis key layout"), kept in the identity:
+/// a Redis holding another layout is refused at connect, never read as if it were this one.
+/// Layout 1 (no `layout` field) kept issue times in a key of their own and the trigger state as a
+/// hash.
+const KEY_LAYOUT: &str = "2";
+
 /// Writes the identity on first use (or, with ARGV[1] = 'adopt', replaces it with a new one
-/// marked adopted); answers {id, adopted}.
+/// marked adopted), refusing data of another key layout (ARGV[4]); answers {id, adopted}.
 const IDENTITY_SCRIPT: &str = r#"
 local key = KEYS[1]
+if redis.call('EXISTS', key) == 1 then
+  local layout = redis.call('HGET', key, 'layout') or '1'
+  if layout ~= ARGV[4] then
+    return redis.error_reply('KABAO_LAYOUT this Redis holds kabao data in key layout ' .. layout ..
+      '; this kabao reads layout ' .. ARGV[4] .. ' (README "Redis key layout")')
+  end
+end
 if ARGV[1] == 'adopt' or redis.call('EXISTS', key) == 0 then
   redis.call('DEL', key)
-  redis.call('HSET', key, 'id', ARGV[2], 'created_at_ms', ARGV[3])
+  redis.call('HSET', key, 'id', ARGV[2], 'created_at_ms', ARGV[3], 'layout', ARGV[4])
   if ARGV[1] == 'adopt' then redis.call('HSET', key, 'adopted', '1') end
 end
 return redis.call('HMGET', key, 'id', 'adopted')
@@ -256,7 +272,7 @@ impl RedisStore {
     async fn identity_call(&self, mode: &str) -> Result<(String, bool), StoreError> {
         let new_id = format!("{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
         let mut invocation = self.inner.scripts.identity.key(IDENTITY_KEY);
-        invocation.arg(mode).arg(new_id).arg(wall_clock_ms());
+        invocation.arg(mode).arg(new_id).arg(wall_clock_ms()).arg(KEY_LAYOUT);
         let reply: Vec<Option<String>> = self.run(invocation.invoke_async(&mut self.conn())).await?;
         let id = reply.first().cloned().flatten().ok_or_else(|| corrupt("identity"))?;
         Ok((id, reply.get(1).cloned().flatten().is_some()))
@@ -482,43 +498,48 @@ fn decode_record(raw: &[u8]) -> Result<CouponRecord, StoreError> {
     Ok(CouponRecord { coupon, redeemed_at_ms })
 }
 
-/// The commit script's payload (see `commit.lua`).
-#[derive(Serialize)]
-struct CommitPayload<'a> {
-    commits: Vec<CommitIn<'a>>,
-    /// (commit, issue request), 1-based, in `(ts_ms, seq)` order.
-    order: Vec<[usize; 2]>,
+/// The commit script's arguments (their order: `commit.lua`'s header), positional so the script
+/// decodes nothing: each user's version check and new state, then the issue requests in the order
+/// they are decided (`rules::decide_in_order`) with their candidates, coupon JSON as given.
+fn commit_arguments(
+    invocation: &mut redis::ScriptInvocation<'_>,
+    identity: &str,
+    commits: &[UserCommit],
+) -> Result<(), StoreError> {
+    invocation.arg(identity).arg(commits.len());
+    for commit in commits {
+        // Versions are u64: strings, as Lua numbers are doubles.
+        invocation.arg(commit.user_id.as_str()).arg(commit.expected_version.to_string());
+        invocation.arg(commit.new_version.to_string());
+        match &commit.new_state {
+            Some(bytes) => invocation.arg(1).arg(bytes.as_slice()),
+            None => invocation.arg(0),
+        };
+        invocation.arg(commit.keep_for_ms);
+    }
+    let all = vec![true; commits.len()];
+    for (i, j) in super::rules::decide_in_order(commits, &all) {
+        let request = &commits[i].issues[j];
+        invocation.arg(i + 1).arg(j + 1).arg(request.ts_ms).arg(request.daily_cap).arg(request.candidates.len());
+        for candidate in &request.candidates {
+            let coupon = &candidate.coupon;
+            invocation.arg(coupon.coupon_id.as_str()).arg(coupon.campaign_id.as_str()).arg(json(coupon)?);
+            let caps = candidate.caps;
+            invocation.arg(caps.per_user_cooldown_s).arg(caps.per_user_max).arg(caps.total_max);
+            invocation.arg(candidate.audience_tags.len());
+            for tag in candidate.audience_tags.iter() {
+                invocation.arg(tag.as_str());
+            }
+        }
+    }
+    Ok(())
 }
 
-#[derive(Serialize)]
-struct CommitIn<'a> {
-    u: &'a str,
-    /// Versions are u64: strings, as Lua numbers are doubles.
-    ev: String,
-    nv: String,
-    /// Index of the new state among the state arguments (1-based); 0 = unchanged.
-    st: usize,
-    keep: i64,
-    is: Vec<RequestIn<'a>>,
-}
-
-#[derive(Serialize)]
-struct RequestIn<'a> {
-    ts: i64,
-    cap: u32,
-    cs: Vec<CandidateIn<'a>>,
-}
-
-#[derive(Serialize)]
-struct CandidateIn<'a> {
-    id: &'a str,
-    c: &'a str,
-    /// The coupon's JSON, stored as given.
-    cp: String,
-    cd: i64,
-    pum: i64,
-    tm: i64,
-    tags: &'a [String],
+/// A trigger state as the Redis store keeps it: one string, `<version>|<bytes>`.
+fn decode_state(raw: &[u8]) -> Result<UserStateRecord, StoreError> {
+    let sep = raw.iter().position(|&b| b == b'|').ok_or_else(|| corrupt("state"))?;
+    let version = std::str::from_utf8(&raw[..sep]).ok().and_then(|v| v.parse().ok());
+    Ok(UserStateRecord { version: version.ok_or_else(|| corrupt("state version"))?, bytes: raw[sep + 1..].to_vec() })
 }
 
 fn outcome_of(code: u8) -> Result<IssueOutcome, StoreError> {
@@ -749,18 +770,10 @@ impl IssueStore for RedisStore {
         }
         let mut pipe = redis::pipe();
         for user in users {
-            pipe.cmd("HMGET").arg(user_key(user, "state")).arg("v").arg("b");
+            pipe.cmd("GET").arg(user_key(user, "state"));
         }
-        let replies: Vec<(Option<String>, Option<Vec<u8>>)> = self.run(pipe.query_async(&mut self.conn())).await?;
-        replies
-            .into_iter()
-            .map(|(version, bytes)| match (version, bytes) {
-                (Some(v), Some(bytes)) => {
-                    Ok(Some(UserStateRecord { version: v.parse().map_err(|_| corrupt("state version"))?, bytes }))
-                }
-                _ => Ok(None),
-            })
-            .collect()
+        let replies: Vec<Option<Vec<u8>>> = self.run(pipe.query_async(&mut self.conn())).await?;
+        replies.iter().map(|raw| raw.as_deref().map(decode_state).transpose()).collect()
     }
 
     async fn commit(&self, commits: Vec<UserCommit>) -> Result<Vec<UserCommitResult>, StoreError> {
@@ -768,51 +781,9 @@ impl IssueStore for RedisStore {
         if commits.is_empty() {
             return Ok(Vec::new());
         }
-        let mut states: Vec<&[u8]> = Vec::new();
-        let mut payload = CommitPayload { commits: Vec::with_capacity(commits.len()), order: Vec::new() };
-        for commit in &commits {
-            let st = match &commit.new_state {
-                Some(bytes) => {
-                    states.push(bytes);
-                    states.len()
-                }
-                None => 0,
-            };
-            let mut requests = Vec::with_capacity(commit.issues.len());
-            for request in &commit.issues {
-                let mut candidates = Vec::with_capacity(request.candidates.len());
-                for candidate in &request.candidates {
-                    candidates.push(CandidateIn {
-                        id: candidate.coupon.coupon_id.as_str(),
-                        c: candidate.coupon.campaign_id.as_str(),
-                        cp: json(&candidate.coupon)?,
-                        cd: candidate.caps.per_user_cooldown_s,
-                        pum: candidate.caps.per_user_max,
-                        tm: candidate.caps.total_max,
-                        tags: &candidate.audience_tags,
-                    });
-                }
-                requests.push(RequestIn { ts: request.ts_ms, cap: request.daily_cap, cs: candidates });
-            }
-            payload.commits.push(CommitIn {
-                u: commit.user_id.as_str(),
-                ev: commit.expected_version.to_string(),
-                nv: commit.new_version.to_string(),
-                st,
-                keep: commit.keep_for_ms,
-                is: requests,
-            });
-        }
-        let all = vec![true; commits.len()];
-        payload.order =
-            super::rules::decide_in_order(&commits, &all).into_iter().map(|(i, j)| [i + 1, j + 1]).collect();
-
         let identity = self.identity();
         let mut invocation = self.inner.scripts.commit.prepare_invoke();
-        invocation.arg(identity).arg(json(&payload)?);
-        for bytes in states {
-            invocation.arg(bytes);
-        }
+        commit_arguments(&mut invocation, &identity, &commits)?;
         let reply: Value = self.run(invocation.invoke_async(&mut self.conn())).await?;
         let replies = array_of(reply)?;
         if replies.len() != commits.len() {
@@ -855,9 +826,13 @@ impl IssueStore for RedisStore {
 
     async fn wallet(&self, user: &UserId) -> Result<Vec<CouponRecord>, StoreError> {
         self.guard()?;
-        let cmd = redis::cmd("HVALS").arg(user_key(user, "coupons")).to_owned();
-        let raw: Vec<Vec<u8>> = self.run(cmd.query_async(&mut self.conn())).await?;
-        let mut records = raw.iter().map(|r| decode_record(r)).collect::<Result<Vec<_>, _>>()?;
+        let cmd = redis::cmd("HGETALL").arg(user_key(user, "coupons")).to_owned();
+        let raw: Vec<(Vec<u8>, Vec<u8>)> = self.run(cmd.query_async(&mut self.conn())).await?;
+        let mut records = raw
+            .iter()
+            .filter(|(field, _)| !field.starts_with(ISSUE_TIMES_FIELD))
+            .map(|(_, r)| decode_record(r))
+            .collect::<Result<Vec<_>, _>>()?;
         records.sort_by(|a, b| {
             b.coupon.issued_at_ms.cmp(&a.coupon.issued_at_ms).then_with(|| a.coupon.coupon_id.cmp(&b.coupon.coupon_id))
         });
@@ -1065,6 +1040,49 @@ mod tests {
 
     crate::store_contract_tests!(open_for_contract);
 
+    #[tokio::test]
+    async fn a_redis_holding_another_key_layout_is_refused_at_connect_naming_both_layouts() {
+        let server = RedisServer::start();
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        // What a kabao of layout 1 wrote: an identity without a `layout` field.
+        redis::cmd("HSET").arg(super::IDENTITY_KEY).arg("id").arg("old").query_async::<()>(&mut conn).await.unwrap();
+        let Err(StoreError::Unavailable(why)) = RedisStore::connect(&server.url()).await else {
+            panic!("a layout-1 Redis must be refused")
+        };
+        assert!(why.contains("key layout 1") && why.contains("reads layout 2"), "{why}");
+        assert!(RedisStore::adopt(&server.url()).await.is_err(), "adopting does not paper over it");
+        let id: String = redis::cmd("HGET").arg(super::IDENTITY_KEY).arg("id").query_async(&mut conn).await.unwrap();
+        assert_eq!(id, "old", "nothing was rewritten");
+    }
+
+    #[tokio::test]
+    async fn the_issue_times_kept_in_the_coupons_hash_are_not_wallet_entries_and_go_with_erasure() {
+        use crate::domain::{Caps, UserId};
+        use crate::store::contract::{candidate, issue_one};
+        use crate::store::IssueOutcome;
+        let server = RedisServer::start();
+        let store = store(&server).await;
+        let caps = Caps { per_user_cooldown_s: 0, per_user_max: 2, total_max: 0 };
+        for ts in [1_000, 2_000] {
+            assert_eq!(issue_one(&store, candidate("it-c", "it-u", ts, caps)).await, IssueOutcome::Issued);
+        }
+        let user = UserId::parse("u", "it-u").unwrap();
+        assert_eq!(store.wallet(&user).await.unwrap().len(), 2, "two coupons, not the times field");
+        assert_eq!(issue_one(&store, candidate("it-c", "it-u", 3_000, caps)).await, IssueOutcome::PerUserMax);
+        store.erase_user(&user).await.unwrap();
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let fields: u64 = redis::cmd("HLEN").arg(user_key(&user, "coupons")).query_async(&mut conn).await.unwrap();
+        let owners: u64 = redis::cmd("HLEN").arg("kabao:coupon_owner").query_async(&mut conn).await.unwrap();
+        assert_eq!((fields, owners), (0, 0), "coupons, times and owner entries erased");
+        assert_eq!(
+            issue_one(&store, candidate("it-c", "it-u", 4_000, caps)).await,
+            IssueOutcome::Issued,
+            "a new start"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_outbox_is_a_stream_read_in_one_group_and_a_dead_consumers_pushes_are_taken_over() {
         use crate::domain::{Caps, DeviceId, UserId};
@@ -1187,7 +1205,7 @@ mod tests {
         assert!(matches!(store.devices(&user).await, Err(StoreError::Lost(_))), "every call refuses");
         assert!(matches!(store.health().await, Err(StoreError::Lost(_))));
         let raw: Option<String> =
-            redis::cmd("HGET").arg(user_key(&user, "state")).arg("v").query_async(&mut flush).await.unwrap();
+            redis::cmd("GET").arg(user_key(&user, "state")).query_async(&mut flush).await.unwrap();
         assert_eq!(raw, None, "nothing was written");
         // Another node connecting writes a fresh identity: still not this node's.
         let _other = RedisStore::connect(&server.url()).await.expect("connect");
