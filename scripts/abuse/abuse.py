@@ -13,7 +13,8 @@ it did not earn.
 
     cargo build --release && python3 scripts/abuse/abuse.py [--seconds 20] [attack ...]
 
-Attacks: slow_bodies, idle, held_bodies, admin_flood (default: all). Python 3.11 stdlib only.
+Attacks: slow_bodies, idle, held_bodies, admin_flood, user_churn (default: all; user_churn then
+waits up to 200 s more for the idle users' state to be freed and reads RSS again). Python 3.11 stdlib only.
 """
 
 import argparse
@@ -57,13 +58,13 @@ def rss_mb(pid: int) -> float:
 
 
 class Server:
-    def __init__(self, binary: str):
+    def __init__(self, binary: str, extra_args=()):
         env = dict(os.environ, RUST_LOG="warn")
         # The default (embedded) store, in a data directory of its own, removed afterwards.
         self.data_dir = tempfile.mkdtemp(prefix="kabao-abuse-")
         self.proc = subprocess.Popen(
             [binary, "serve", "--listen", f"{HOST}:0", "--admin-token", ADMIN, "--client-secret", SECRET,
-             "--rate-limit-requests-per-user-per-s", "25", "--data-dir", self.data_dir],
+             "--rate-limit-requests-per-user-per-s", "25", "--data-dir", self.data_dir, *extra_args],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
         for line in self.proc.stdout:
             if "listening on http://" in line:
@@ -188,7 +189,46 @@ async def admin_flood(port, stop, statuses):
     await asyncio.gather(*(one() for _ in range(32)))
 
 
-ATTACKS = {"slow_bodies": slow_bodies, "idle": idle, "held_bodies": held_bodies, "admin_flood": admin_flood}
+async def user_churn(port, stop, statuses):
+    """Fresh user ids as fast as 4 admin connections send them, each user one ping inside the
+    fence of a dwell campaign (one open stay, never a coupon): the trigger state the server must
+    free again once `state_ttl_s` makes it irrelevant (`run` waits for that afterwards)."""
+    campaign = json.dumps({"id": "churn", "coupon": {"title": "stay"}, "trigger": {"on": "dwell", "dwell_s": 3600},
+                           "fences": [{"id": "f", "type": "circle", "center": [114.0579, 22.5431], "radius_m": 5000}]})
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writer.write(request("POST", "/v1/campaigns", ADMIN, campaign.encode()))
+    await writer.drain()
+    statuses[f"campaign {await read_reply(reader)}"] = 1
+    writer.close()
+    next_user = iter(range(10**9))
+
+    async def one():
+        reader, writer = await asyncio.open_connection(HOST, port)
+        while not stop.is_set():
+            pings = [{"user_id": f"churn-{next(next_user)}", "lat": 22.5431, "lon": 114.0579} for _ in range(500)]
+            writer.write(request("POST", "/v1/pings", ADMIN, json.dumps({"pings": pings}).encode()))
+            await writer.drain()
+            status = await read_reply(reader)
+            statuses[status] = statuses.get(status, 0) + 1
+        statuses["users sent"] = next(next_user)
+
+    await asyncio.gather(*(one() for _ in range(4)))
+
+
+ATTACKS = {"slow_bodies": slow_bodies, "idle": idle, "held_bodies": held_bodies, "admin_flood": admin_flood,
+           "user_churn": user_churn}
+# Server flags an attack needs besides the defaults: user_churn's states become irrelevant after
+# max_ping_age_s + state_ttl_s + 60 s = 80 s, and are freed by the next minute's sweep.
+SERVER_ARGS = {"user_churn": ["--max-ping-age-s", "10", "--state-ttl-s", "10"]}
+
+
+def tracked_users(port: int) -> int:
+    import urllib.request
+    req = urllib.request.Request(f"http://{HOST}:{port}/metrics", headers={"authorization": f"Bearer {ADMIN}"})
+    for line in urllib.request.urlopen(req, timeout=5).read().decode().splitlines():
+        if line.startswith("kabao_tracked_users "):
+            return int(float(line.split()[1]))
+    return -1
 
 
 def phone_process(port: int, seconds: float, results):
@@ -212,7 +252,7 @@ def summary(latencies):
 
 
 async def run(name: str, binary: str, seconds: float):
-    server = Server(binary)
+    server = Server(binary, SERVER_ARGS.get(name, ()))
     try:
         port, pid = server.port, server.proc.pid
         before = rss_mb(pid)
@@ -236,6 +276,15 @@ async def run(name: str, binary: str, seconds: float):
         print(f"{name}: phone {summary(latencies)}; statuses {phone_statuses} ({unearned} not 200); "
               f"attacker {dict(sorted(attack_statuses.items(), key=str))}; "
               f"RSS {before:.0f} → peak {peak:.0f} → {after:.0f} MB", flush=True)
+        if name == "user_churn":
+            # Wait (bounded) for the sweep to free every state, then read RSS again.
+            tracked, waited = tracked_users(port), 0
+            print(f"  tracked users when the churn stopped: {tracked}", flush=True)
+            while tracked != 0 and waited < 200:
+                await asyncio.sleep(5)
+                waited += 5
+                tracked = tracked_users(port)
+            print(f"  after {waited} s idle: tracked users {tracked}, RSS {rss_mb(pid):.0f} MB", flush=True)
     finally:
         server.stop()
 
