@@ -69,6 +69,8 @@ pub const FORMAT: u32 = 2;
 const DEAD_LETTERS_KEPT: u64 = 10_000;
 /// Most writes applied in one transaction.
 const MAX_BATCH: usize = 1024;
+/// Users per checkpoint job (see [`EmbeddedStore::checkpoint`]).
+const CHECKPOINT_SLICE: usize = 1024;
 
 /// The tables, each a fjall keyspace. Keys built of several ids are length-prefixed parts (see
 /// `key`), so one id can never run into the next and prefix scans select exactly one user.
@@ -262,6 +264,8 @@ struct Memory {
     user_states: super::HeldStates,
     /// Users whose state changed since it was last written.
     dirty: FxHashSet<UserId>,
+    /// The map of `user_states` the next checkpoint sweeps.
+    next_sweep: usize,
     /// Outbox sequence → server time its lease ends.
     leases: FxHashMap<u64, i64>,
     /// The newest campaign changes, for the change feed (one node: only its own writes).
@@ -633,7 +637,7 @@ impl EmbeddedStore {
 
         // Trigger states come back into memory, minus those past their keep time.
         let now = wall_clock_ms();
-        let mut user_states = FxHashMap::default();
+        let mut user_states = super::HeldStates::default();
         let outbox_len;
         {
             let read = View { r: db.read_tx(), ks: &keyspaces };
@@ -752,34 +756,49 @@ impl EmbeddedStore {
         rx.await.map_err(|_| io("the writer thread stopped"))?
     }
 
-    /// Writes every dirty trigger state (and drops those past their keep time).
+    /// Writes every dirty trigger state, and sweeps one map of the states in memory: those past
+    /// their keep time leave memory and disk (every map is swept once per `HELD_STATE_SHARDS`
+    /// checkpoints, a minute at the default interval).
+    ///
+    /// In slices of [`CHECKPOINT_SLICE`] users, each a job of its own (the writer still commits
+    /// them together): a job holds the memory lock only for its slice, so a flood of new users
+    /// (a checkpoint of 100 000s of states) never holds up the commits of everyone else for the
+    /// time it takes to write them all. Each slice reads the states when it runs, so a state
+    /// committed meanwhile (or written with its coupons) is never overwritten by an older one.
     pub async fn checkpoint(&self) -> Result<(), StoreError> {
-        if self.memory.lock().dirty.is_empty() {
-            return Ok(());
-        }
-        self.write(|tx, memory| {
-            let now = wall_clock_ms();
-            let dirty: Vec<UserId> = memory.dirty.drain().collect();
-            for user in dirty {
-                match memory.user_states.get(&user) {
-                    Some((record, forget_at_ms)) if *forget_at_ms > now => {
-                        let row = StateRow {
-                            version: record.version,
-                            bytes: record.bytes.clone(),
-                            forget_at_ms: *forget_at_ms,
-                        };
-                        tx.insert(T::UserStates, user.as_str().as_bytes(), &encode(&row));
-                    }
-                    _ => {
-                        memory.user_states.remove(&user);
-                        tx.remove(T::UserStates, user.as_str().as_bytes())?;
+        let now = wall_clock_ms();
+        let users: Vec<UserId> = {
+            let mut memory = self.memory.lock();
+            let shard = memory.next_sweep;
+            memory.next_sweep = shard.wrapping_add(1);
+            let expired = memory.user_states.take_expired(shard, now);
+            let mut users: Vec<UserId> = std::mem::take(&mut memory.dirty).into_iter().collect();
+            users.extend(expired);
+            users
+        };
+        let slices = users.chunks(CHECKPOINT_SLICE).map(|slice| {
+            let slice = slice.to_vec();
+            self.write(move |tx, memory| {
+                for user in slice {
+                    match memory.user_states.get(&user) {
+                        Some((record, forget_at_ms)) if *forget_at_ms > now => {
+                            let row = StateRow {
+                                version: record.version,
+                                bytes: record.bytes.clone(),
+                                forget_at_ms: *forget_at_ms,
+                            };
+                            tx.insert(T::UserStates, user.as_str().as_bytes(), &encode(&row));
+                        }
+                        _ => {
+                            memory.user_states.remove(&user);
+                            tx.remove(T::UserStates, user.as_str().as_bytes())?;
+                        }
                     }
                 }
-            }
-            memory.user_states.retain(|_, (_, forget_at_ms)| *forget_at_ms > now);
-            Ok(())
-        })
-        .await
+                Ok(())
+            })
+        });
+        futures::future::try_join_all(slices).await.map(drop)
     }
 
     /// Deletes coupons that expired more than the retention period before `now_ms`; returns how many.
@@ -895,15 +914,14 @@ fn write_loop(
         let mut tx = View { r: db.write_tx(), ks: keyspaces };
         let mut completions = Vec::with_capacity(batch.len());
         let mut fatal = false;
-        {
-            let mut memory = memory.lock();
-            for job in batch {
-                let (completion, job_fatal) = job(&mut tx, &mut memory);
-                completions.push(completion);
-                fatal |= job_fatal;
-            }
-            put_meta(&mut tx, &memory.meta);
+        // The memory lock is taken per job, not for the batch: requests that change memory only
+        // (pings that issue nothing) wait for one job at most, never for a whole batch.
+        for job in batch {
+            let (completion, job_fatal) = job(&mut tx, &mut memory.lock());
+            completions.push(completion);
+            fatal |= job_fatal;
         }
+        put_meta(&mut tx, &memory.lock().meta);
         let failure = if fatal {
             // Dropped: nothing of the batch is written.
             tx.r.rollback();
@@ -1543,6 +1561,37 @@ mod tests {
         let kept: Vec<bool> = store.load_user_states(&users).await.unwrap().iter().map(Option::is_some).collect();
         let expected: Vec<bool> = (0..20).map(|k| k == 0 || k >= 12).collect();
         assert_eq!(kept, expected);
+    }
+
+    #[tokio::test]
+    async fn states_past_their_keep_time_leave_memory_and_disk_by_the_checkpoints_sweep() {
+        use crate::store::UserCommit;
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let rows = |store: &EmbeddedStore| store.read(|view| Ok(view.iter(super::T::UserStates).count())).unwrap();
+        let commit = |user: UserId, keep_for_ms: i64| UserCommit {
+            user_id: user,
+            expected_version: 0,
+            new_state: Some(vec![1, 2, 3]),
+            new_version: 7,
+            keep_for_ms,
+            issues: Vec::new(),
+        };
+        let users: Vec<UserId> = (0..300).map(|k| UserId::parse("user_id", &format!("sweep-{k}")).unwrap()).collect();
+        let staying = UserId::parse("user_id", "sweep-stays").unwrap();
+        let mut commits: Vec<UserCommit> = users.iter().map(|u| commit(u.clone(), 300)).collect();
+        commits.push(commit(staying.clone(), 3_600_000));
+        store.commit(commits).await.unwrap();
+        store.checkpoint().await.unwrap();
+        assert_eq!(rows(&store), 301, "every state written by the checkpoint");
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        // Nobody pinged again, so none is dirty: the sweep, a map per checkpoint, finds them.
+        for _ in 0..super::super::HELD_STATE_SHARDS {
+            store.checkpoint().await.unwrap();
+        }
+        assert_eq!(rows(&store), 1, "the expired states' rows are gone, the live one stays");
+        let held = store.load_user_states(&[users[0].clone(), staying]).await.unwrap();
+        assert!(held[0].is_none() && held[1].is_some());
     }
 
     fn campaign(id: &str) -> crate::domain::Campaign {

@@ -78,6 +78,8 @@ struct State {
     user_states: super::HeldStates,
     /// Server time of the last sweep of forgettable trigger states.
     last_sweep_ms: i64,
+    /// The map of `user_states` the last sweep went through.
+    next_sweep: usize,
     /// Every coupon ever issued: the wallet records and the "already issued" set in one.
     coupons: FxHashMap<CouponId, StoredCoupon>,
     /// Each user's coupons, newest first, ties by coupon id: the wallet's order, and an index by
@@ -205,13 +207,15 @@ impl State {
         }
     }
 
-    /// Forgets trigger states past their `keep_for_ms`, at most once a minute.
+    /// Forgets trigger states past their `keep_for_ms`: one of the maps of `user_states` a
+    /// second, in turn (each every minute or so), so no commit waits for a pass over them all.
     fn sweep_user_states(&mut self, now_ms: i64) {
-        if now_ms.saturating_sub(self.last_sweep_ms) < 60_000 {
+        if now_ms.saturating_sub(self.last_sweep_ms) < 1_000 {
             return;
         }
         self.last_sweep_ms = now_ms;
-        self.user_states.retain(|_, (_, forget_at_ms)| *forget_at_ms > now_ms);
+        self.next_sweep = self.next_sweep.wrapping_add(1);
+        self.user_states.take_expired(self.next_sweep, now_ms);
     }
 
     fn push_stats(&mut self, campaign: &CampaignId) -> Option<&mut super::PushStats> {

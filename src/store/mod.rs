@@ -222,7 +222,75 @@ pub struct UserStateRecord {
 
 /// Trigger states held in memory by a store that keeps every one there (the in-memory and
 /// embedded stores), each with the server time from which it may be forgotten.
-pub(crate) type HeldStates = rustc_hash::FxHashMap<UserId, (UserStateRecord, i64)>;
+///
+/// In [`HELD_STATE_SHARDS`] maps by user, so that growing never rehashes every state at once: a
+/// flood of new user ids makes many small resizes instead of one that moves millions of entries
+/// while the store's lock is held (measured with `scripts/abuse/abuse.py user_churn`: one map
+/// held every other request, a phone's ping too, for up to a second).
+#[derive(Debug)]
+pub(crate) struct HeldStates {
+    shards: Box<[rustc_hash::FxHashMap<UserId, (UserStateRecord, i64)>]>,
+}
+
+/// The number of maps [`HeldStates`] spreads users over.
+pub(crate) const HELD_STATE_SHARDS: usize = 64;
+
+impl Default for HeldStates {
+    fn default() -> Self {
+        Self { shards: (0..HELD_STATE_SHARDS).map(|_| Default::default()).collect() }
+    }
+}
+
+impl HeldStates {
+    fn shard(&self, user: &UserId) -> usize {
+        use std::hash::BuildHasher;
+        // High bits: the maps themselves place entries by the low ones.
+        (rustc_hash::FxBuildHasher.hash_one(user) >> 32) as usize & (HELD_STATE_SHARDS - 1)
+    }
+
+    pub(crate) fn get(&self, user: &UserId) -> Option<&(UserStateRecord, i64)> {
+        self.shards[self.shard(user)].get(user)
+    }
+
+    pub(crate) fn insert(&mut self, user: UserId, held: (UserStateRecord, i64)) -> Option<(UserStateRecord, i64)> {
+        let shard = self.shard(&user);
+        self.shards[shard].insert(user, held)
+    }
+
+    pub(crate) fn remove(&mut self, user: &UserId) -> Option<(UserStateRecord, i64)> {
+        let shard = self.shard(user);
+        self.shards[shard].remove(user)
+    }
+
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&UserId, &mut (UserStateRecord, i64)) -> bool) {
+        for shard in self.shards.iter_mut() {
+            shard.retain(|user, held| keep(user, held));
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(|shard| shard.len()).sum()
+    }
+
+    /// Removes the states of one of the maps (`shard` modulo their number) that may be forgotten
+    /// at `now_ms`, and returns their users: a sweep a map at a time, so none holds the store's
+    /// lock for a pass over every state.
+    pub(crate) fn take_expired(&mut self, shard: usize, now_ms: i64) -> Vec<UserId> {
+        let mut expired = Vec::new();
+        self.shards[shard % HELD_STATE_SHARDS].retain(|user, (_, forget_at_ms)| {
+            let keep = *forget_at_ms > now_ms;
+            if !keep {
+                expired.push(user.clone());
+            }
+            keep
+        });
+        expired
+    }
+
+    pub(crate) fn values(&self) -> impl Iterator<Item = &(UserStateRecord, i64)> {
+        self.shards.iter().flat_map(|shard| shard.values())
+    }
+}
 
 /// Applies the `max_tracked_users` ceiling to `states` (0: none): once over it, the states that
 /// may be forgotten soonest (the users idle longest) are dropped down to 90 % of it (see
@@ -230,7 +298,12 @@ pub(crate) type HeldStates = rustc_hash::FxHashMap<UserId, (UserStateRecord, i64
 /// `kabao_tracked_users_dropped_total{from="store"}`. A dropped user's next ping starts afresh,
 /// as after `state_ttl_s`; the caps and "already issued" still hold, they are not state.
 pub(crate) fn drop_longest_idle(states: &mut HeldStates, max: usize) -> Vec<UserId> {
-    let Some(mut cut) = crate::ceiling::IdleCut::plan(states.values().map(|(_, at)| *at), max) else {
+    // The length check first: this runs with every commit, almost always under the ceiling.
+    if max == 0 || states.len() <= max {
+        return Vec::new();
+    }
+    let times: Vec<i64> = states.values().map(|(_, at)| *at).collect();
+    let Some(mut cut) = crate::ceiling::IdleCut::plan(times.into_iter(), max) else {
         return Vec::new();
     };
     let mut dropped = Vec::with_capacity(states.len() - (max - max / 10));
