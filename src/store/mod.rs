@@ -277,13 +277,15 @@ impl HeldStates {
     /// lock for a pass over every state.
     pub(crate) fn take_expired(&mut self, shard: usize, now_ms: i64) -> Vec<UserId> {
         let mut expired = Vec::new();
-        self.shards[shard % HELD_STATE_SHARDS].retain(|user, (_, forget_at_ms)| {
+        let map = &mut self.shards[shard % HELD_STATE_SHARDS];
+        map.retain(|user, (_, forget_at_ms)| {
             let keep = *forget_at_ms > now_ms;
             if !keep {
                 expired.push(user.clone());
             }
             keep
         });
+        crate::trigger::shrink_if_mostly_empty(map);
         expired
     }
 

@@ -206,6 +206,7 @@ impl TriggerEngine {
             let before = users.len();
             users.retain(|_, user| now_ms.saturating_sub(user.state.newest_ts_ms()) <= idle_ms);
             freed += before - users.len();
+            shrink_if_mostly_empty(&mut users);
         }
         freed
     }
@@ -224,7 +225,9 @@ impl TriggerEngine {
         }
         let Some(mut cut) = IdleCut::plan(times.into_iter(), max) else { return 0 };
         for shard in self.shards.iter() {
-            shard.lock().retain(|_, user| !cut.drops(user.state.newest_ts_ms()));
+            let mut users = shard.lock();
+            users.retain(|_, user| !cut.drops(user.state.newest_ts_ms()));
+            shrink_if_mostly_empty(&mut users);
         }
         cut.dropped()
     }
@@ -245,5 +248,13 @@ impl TriggerEngine {
     /// the user count, is what resident memory follows.
     pub fn stay_count(&self) -> usize {
         self.shards.iter().map(|shard| shard.lock().values().map(|user| user.state.stay_count()).sum::<usize>()).sum()
+    }
+}
+
+/// Gives a map's table back once it is less than a quarter full: a map never shrinks by itself,
+/// so after a crowd of users has come and gone its table would keep the crowd's size.
+pub(crate) fn shrink_if_mostly_empty<K: std::hash::Hash + Eq, V>(map: &mut FxHashMap<K, V>) {
+    if map.len() < map.capacity() / 4 {
+        map.shrink_to_fit();
     }
 }
