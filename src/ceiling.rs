@@ -6,6 +6,28 @@
 //! ceiling drops down to 90 % of it, so the O(n) selection runs once per `max / 10` new users
 //! rather than at every one, and a flood of made-up user ids costs bounded memory.
 
+use std::hash::{BuildHasher, Hash};
+
+use rustc_hash::{FxBuildHasher, FxHashMap};
+
+use crate::domain::UserId;
+
+/// Which of `shards` maps (a power of two) holds `user`'s entry, for the per-user maps that are
+/// split so that none grows (and rehashes) all at once.
+pub(crate) fn user_shard(user: &UserId, shards: usize) -> usize {
+    debug_assert!(shards.is_power_of_two());
+    // The high bits of an Fx hash are the well-mixed ones; the maps place entries by the low ones.
+    (FxBuildHasher.hash_one(user) >> 32) as usize & (shards - 1)
+}
+
+/// Gives a map's table back once it is less than a quarter full: a map never shrinks by itself,
+/// so after a crowd of users has come and gone its table would keep the crowd's size.
+pub(crate) fn shrink_if_mostly_empty<K: Hash + Eq, V>(map: &mut FxHashMap<K, V>) {
+    if map.len() < map.capacity() / 4 {
+        map.shrink_to_fit();
+    }
+}
+
 /// Which entries to drop: those idle since before `cut`, then `ties` of those idle since exactly
 /// `cut` (so exactly the planned number goes even when many share a time).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

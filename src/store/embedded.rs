@@ -767,7 +767,7 @@ impl EmbeddedStore {
     /// committed meanwhile (or written with its coupons) is never overwritten by an older one.
     pub async fn checkpoint(&self) -> Result<(), StoreError> {
         let now = wall_clock_ms();
-        let users: Vec<UserId> = {
+        let mut users: Vec<UserId> = {
             let mut memory = self.memory.lock();
             let shard = memory.next_sweep;
             memory.next_sweep = shard.wrapping_add(1);
@@ -776,9 +776,10 @@ impl EmbeddedStore {
             users.extend(expired);
             users
         };
-        let slices = users.chunks(CHECKPOINT_SLICE).map(|slice| {
-            let slice = slice.to_vec();
-            self.write(move |tx, memory| {
+        let mut slices = Vec::with_capacity(users.len().div_ceil(CHECKPOINT_SLICE));
+        while !users.is_empty() {
+            let slice = users.split_off(users.len().saturating_sub(CHECKPOINT_SLICE));
+            slices.push(self.write(move |tx, memory| {
                 for user in slice {
                     match memory.user_states.get(&user) {
                         Some((record, forget_at_ms)) if *forget_at_ms > now => {
@@ -796,8 +797,8 @@ impl EmbeddedStore {
                     }
                 }
                 Ok(())
-            })
-        });
+            }));
+        }
         futures::future::try_join_all(slices).await.map(drop)
     }
 

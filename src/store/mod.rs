@@ -230,6 +230,8 @@ pub struct UserStateRecord {
 #[derive(Debug)]
 pub(crate) struct HeldStates {
     shards: Box<[rustc_hash::FxHashMap<UserId, (UserStateRecord, i64)>]>,
+    /// States held, kept by every change: read at every commit (the ceiling check).
+    len: usize,
 }
 
 /// The number of maps [`HeldStates`] spreads users over.
@@ -237,56 +239,56 @@ pub(crate) const HELD_STATE_SHARDS: usize = 64;
 
 impl Default for HeldStates {
     fn default() -> Self {
-        Self { shards: (0..HELD_STATE_SHARDS).map(|_| Default::default()).collect() }
+        Self { shards: (0..HELD_STATE_SHARDS).map(|_| Default::default()).collect(), len: 0 }
     }
 }
 
 impl HeldStates {
-    fn shard(&self, user: &UserId) -> usize {
-        use std::hash::BuildHasher;
-        // High bits: the maps themselves place entries by the low ones.
-        (rustc_hash::FxBuildHasher.hash_one(user) >> 32) as usize & (HELD_STATE_SHARDS - 1)
+    fn map(&mut self, user: &UserId) -> &mut rustc_hash::FxHashMap<UserId, (UserStateRecord, i64)> {
+        &mut self.shards[crate::ceiling::user_shard(user, HELD_STATE_SHARDS)]
     }
 
     pub(crate) fn get(&self, user: &UserId) -> Option<&(UserStateRecord, i64)> {
-        self.shards[self.shard(user)].get(user)
+        self.shards[crate::ceiling::user_shard(user, HELD_STATE_SHARDS)].get(user)
     }
 
     pub(crate) fn insert(&mut self, user: UserId, held: (UserStateRecord, i64)) -> Option<(UserStateRecord, i64)> {
-        let shard = self.shard(&user);
-        self.shards[shard].insert(user, held)
+        let old = self.map(&user).insert(user, held);
+        self.len += usize::from(old.is_none());
+        old
     }
 
     pub(crate) fn remove(&mut self, user: &UserId) -> Option<(UserStateRecord, i64)> {
-        let shard = self.shard(user);
-        self.shards[shard].remove(user)
+        let old = self.map(user).remove(user);
+        self.len -= usize::from(old.is_some());
+        old
     }
 
-    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&UserId, &mut (UserStateRecord, i64)) -> bool) {
-        for shard in self.shards.iter_mut() {
-            shard.retain(|user, held| keep(user, held));
-        }
+    /// Keeps the states `keep` says to keep, map by map; the users of those that go are returned.
+    fn retain_in(&mut self, shard: usize, mut keep: impl FnMut(&(UserStateRecord, i64)) -> bool) -> Vec<UserId> {
+        let mut gone = Vec::new();
+        let map = &mut self.shards[shard];
+        map.retain(|user, held| {
+            let kept = keep(held);
+            if !kept {
+                gone.push(user.clone());
+            }
+            kept
+        });
+        crate::ceiling::shrink_if_mostly_empty(map);
+        self.len -= gone.len();
+        gone
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.shards.iter().map(|shard| shard.len()).sum()
+        self.len
     }
 
     /// Removes the states of one of the maps (`shard` modulo their number) that may be forgotten
     /// at `now_ms`, and returns their users: a sweep a map at a time, so none holds the store's
     /// lock for a pass over every state.
     pub(crate) fn take_expired(&mut self, shard: usize, now_ms: i64) -> Vec<UserId> {
-        let mut expired = Vec::new();
-        let map = &mut self.shards[shard % HELD_STATE_SHARDS];
-        map.retain(|user, (_, forget_at_ms)| {
-            let keep = *forget_at_ms > now_ms;
-            if !keep {
-                expired.push(user.clone());
-            }
-            keep
-        });
-        crate::trigger::shrink_if_mostly_empty(map);
-        expired
+        self.retain_in(shard % HELD_STATE_SHARDS, |(_, forget_at_ms)| *forget_at_ms > now_ms)
     }
 
     pub(crate) fn values(&self) -> impl Iterator<Item = &(UserStateRecord, i64)> {
@@ -309,13 +311,9 @@ pub(crate) fn drop_longest_idle(states: &mut HeldStates, max: usize) -> Vec<User
         return Vec::new();
     };
     let mut dropped = Vec::with_capacity(states.len() - (max - max / 10));
-    states.retain(|user, (_, forget_at_ms)| {
-        let goes = cut.drops(*forget_at_ms);
-        if goes {
-            dropped.push(user.clone());
-        }
-        !goes
-    });
+    for shard in 0..HELD_STATE_SHARDS {
+        dropped.extend(states.retain_in(shard, |(_, forget_at_ms)| !cut.drops(*forget_at_ms)));
+    }
     metrics::counter!("kabao_tracked_users_dropped_total", "from" => "store").increment(dropped.len() as u64);
     tracing::warn!(
         dropped = dropped.len(),

@@ -22,13 +22,12 @@ mod testkit;
 #[cfg(test)]
 mod tests;
 
-use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use rustc_hash::FxHashMap;
 
-use crate::ceiling::IdleCut;
+use crate::ceiling::{shrink_if_mostly_empty, user_shard, IdleCut};
 use crate::domain::{Campaign, Fence, FenceId, Ping, UserId};
 
 pub use state::{DecodeError, UserState};
@@ -146,9 +145,7 @@ impl TriggerEngine {
     }
 
     fn shard(&self, user: &UserId) -> &Mutex<FxHashMap<UserId, Cached>> {
-        // The high bits of an Fx hash are the well-mixed ones.
-        let index = (FxBuildHasher.hash_one(user) >> 32) as usize & (SHARDS - 1);
-        &self.shards[index]
+        &self.shards[user_shard(user, SHARDS)]
     }
 
     /// Applies one ping of one user given every fence containing it (`hits`; duplicates are
@@ -248,13 +245,5 @@ impl TriggerEngine {
     /// the user count, is what resident memory follows.
     pub fn stay_count(&self) -> usize {
         self.shards.iter().map(|shard| shard.lock().values().map(|user| user.state.stay_count()).sum::<usize>()).sum()
-    }
-}
-
-/// Gives a map's table back once it is less than a quarter full: a map never shrinks by itself,
-/// so after a crowd of users has come and gone its table would keep the crowd's size.
-pub(crate) fn shrink_if_mostly_empty<K: std::hash::Hash + Eq, V>(map: &mut FxHashMap<K, V>) {
-    if map.len() < map.capacity() / 4 {
-        map.shrink_to_fit();
     }
 }

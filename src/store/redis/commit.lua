@@ -113,18 +113,18 @@ local function parse_times(c, raw)
   return times
 end
 
--- Rule 4's store half (rules.rs `refusal`); nil = may issue.
+-- Rule 4's store half (rules.rs `refusal`): the refusal's code, or nil and the user's issue times
+-- for the campaign (for `record`) when the coupon may issue.
 local function refusal(u, r, k)
+  local got = call('HMGET', uk(u, 'coupons'), k.id, '\1' .. k.c)
+  if got[1] then return 'D' end
   local tk = times_key(u, k.c)
-  if times_cache[tk] then
-    if call('HEXISTS', uk(u, 'coupons'), k.id) == 1 then return 'D' end
-  else
-    local got = call('HMGET', uk(u, 'coupons'), k.id, '\1' .. k.c)
-    if got[1] then return 'D' end
-    times_cache[tk] = parse_times(k.c, got[2])
+  local times = times_cache[tk]
+  if not times then
+    times = parse_times(k.c, got[2])
+    times_cache[tk] = times
   end
   if #k.tags > 0 and not has_any_tag(u, k.tags) then return 'A' end
-  local times = times_cache[tk]
   if k.cd > 0 then
     local cd_ms = k.cd * 1000
     for _, t in ipairs(times) do
@@ -140,7 +140,7 @@ local function refusal(u, r, k)
     local from = format('(%d', r.ts - DAY_MS)
     if call('ZCOUNT', uk(u, 'wallet'), from, format('%d', r.ts)) >= r.cap then return 'Y' end
   end
-  return nil
+  return nil, times
 end
 
 -- Coupon id, owner pairs for the owner index, written together at the end.
@@ -148,9 +148,8 @@ local owners = {}
 
 -- Records an allowed coupon: issue times, wallet, record, one push per device; the campaign's
 -- counter and the owner index at the end of the call.
-local function record(u, r, k)
+local function record(u, r, k, times)
   local camp = campaign(k.c)
-  local times = times_cache[times_key(u, k.c)]
   if not camp.inc then
     camp.inc = tostring(call('INCR', P .. 'incarnation'))
     call('HSET', ck(k.c, 'stats'), 'inc', camp.inc)
@@ -160,14 +159,13 @@ local function record(u, r, k)
   table.sort(times)
   local parts = {}
   for i, t in ipairs(times) do parts[i] = format('%d', t) end
-  local cp = k.cp
-  call('HSET', uk(u, 'coupons'), k.id, camp.inc .. '||' .. cp, '\1' .. k.c, camp.inc .. '|' .. table.concat(parts, ','))
+  call('HSET', uk(u, 'coupons'), k.id, camp.inc .. '||' .. k.cp, '\1' .. k.c, camp.inc .. '|' .. table.concat(parts, ','))
   call('ZADD', uk(u, 'wallet'), format('%d', r.ts), k.id)
   owners[#owners + 1] = k.id
   owners[#owners + 1] = u
   -- One push per device, into the outbox stream (fields: outbox.lua).
   for _, d in ipairs(devices(u)) do
-    local push = '{"coupon":' .. cp .. ',"device_id":' .. cjson.encode(d.id) .. ',"device":' .. d.json .. '}'
+    local push = '{"coupon":' .. k.cp .. ',"device_id":' .. cjson.encode(d.id) .. ',"device":' .. d.json .. '}'
     local handle = call('XADD', OUTBOX, '*', 'e', push, 'a', '0', 'u', u, 'c', k.c, 'i', camp.inc)
     call('SADD', P .. '{outbox}:u:' .. u, handle)
   end
@@ -199,9 +197,9 @@ while at <= last do
     end
     at = at + 7 + tags
     if accepted[ci] then
-      local o = refusal(users[ci].u, r, k)
+      local o, times = refusal(users[ci].u, r, k)
       if not o then
-        record(users[ci].u, r, k)
+        record(users[ci].u, r, k, times)
         o = 'I'
       end
       decided = decided .. o
