@@ -12,7 +12,8 @@
 //!    time to ready with 1 M fences and 5 M coupons on disk.
 //!
 //! `cargo bench --bench embedded_scale` (options after `--`: `--fences N --big-fences N
-//! --coupons N --reads N --dir PATH`). Needs a few GB of disk; the directory is removed at the end
+//! --coupons N --reads N --dir PATH [--serve-only]`; `--serve-only` serves an existing `--dir` as it
+//! is and reads `--reads` wallets of its `--coupons` users). Needs a few GB of disk; the directory is removed at the end
 //! unless `--dir` was given. Prints one table.
 
 use std::path::{Path, PathBuf};
@@ -37,10 +38,19 @@ struct Options {
     coupons: usize,
     reads: usize,
     dir: Option<PathBuf>,
+    /// Only serve `dir` as it is and read wallets of users who hold coupons (`--serve-only`).
+    serve_only: bool,
 }
 
 fn options() -> Options {
-    let mut o = Options { fences: 100_000, big_fences: 1_000_000, coupons: 5_000_000, reads: 20_000, dir: None };
+    let mut o = Options {
+        fences: 100_000,
+        big_fences: 1_000_000,
+        coupons: 5_000_000,
+        reads: 20_000,
+        dir: None,
+        serve_only: false,
+    };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
@@ -52,6 +62,11 @@ fn options() -> Options {
             "--coupons" => o.coupons = number(),
             "--reads" => o.reads = number(),
             "--dir" => o.dir = Some(PathBuf::from(value())),
+            "--serve-only" => {
+                o.serve_only = true;
+                i += 1;
+                continue;
+            }
             _ => {
                 i += 1;
                 continue;
@@ -223,8 +238,13 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let campaign = CampaignId::parse("c", "coffee").unwrap();
-        add_campaign(&dir, "coffee", fences("a", o.fences)).await;
         let users = o.coupons.clamp(1, USERS);
+        if o.serve_only {
+            let served = serve(&dir, o.reads, users, true).await;
+            row(&format!("{} as it is", dir.display()), &served);
+            return;
+        }
+        add_campaign(&dir, "coffee", fences("a", o.fences)).await;
         let empty = serve(&dir, o.reads, users, false).await;
         let rate = fill(&dir, &campaign, o.coupons, users).await;
         let full = serve(&dir, o.reads, users, true).await;

@@ -135,11 +135,12 @@ pub async fn open_store(choice: &StoreChoice, max_tracked_users: usize) -> anyho
             tracing::info!(store = "memory", "store: in memory only (--ephemeral): everything is lost on exit");
             Ok(Arc::new(MemoryStore::with_max_user_states(max_tracked_users)))
         }
-        StoreChoice::Embedded { data_dir, checkpoint_interval, retention } => {
+        StoreChoice::Embedded { data_dir, checkpoint_interval, retention, cache_bytes } => {
             let config = EmbeddedConfig {
                 checkpoint_interval: *checkpoint_interval,
                 retention: *retention,
                 max_user_states: max_tracked_users,
+                cache_bytes: *cache_bytes,
                 ..EmbeddedConfig::new(data_dir)
             };
             let store = EmbeddedStore::open(config)?;

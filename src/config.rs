@@ -104,6 +104,10 @@ pub struct ServeArgs {
     /// Expired coupons older than this many days are purged from the embedded store. Default 90.
     #[arg(long, env = "KABAO_COUPON_RETENTION_DAYS", value_name = "DAYS")]
     pub coupon_retention_days: Option<u64>,
+    /// The embedded store's block cache (MiB): decoded table blocks of hot wallets, coupons and
+    /// devices. Default 8.
+    #[arg(long, env = "KABAO_STORE_CACHE_MB", value_name = "MB")]
+    pub store_cache_mb: Option<u64>,
     /// Keep everything in memory only (tests, demos): lost on exit.
     #[arg(long, env = "KABAO_EPHEMERAL", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub ephemeral: Option<bool>,
@@ -334,6 +338,8 @@ pub enum StoreChoice {
         checkpoint_interval: Duration,
         /// Expired coupons older than this are purged.
         retention: Duration,
+        /// The block cache's size in bytes.
+        cache_bytes: usize,
     },
     /// A Redis shared by any number of nodes.
     Redis {
@@ -597,6 +603,10 @@ impl Config {
                     data_dir: pick!(data_dir).unwrap_or_else(|| "kabao-data".into()),
                     checkpoint_interval: Duration::from_millis(checkpoint_ms),
                     retention: Duration::from_secs(pick!(coupon_retention_days).unwrap_or(90).saturating_mul(86_400)),
+                    cache_bytes: usize::try_from(pick!(store_cache_mb).unwrap_or(8))
+                        .ok()
+                        .and_then(|mb| mb.checked_mul(1 << 20))
+                        .ok_or_else(|| anyhow::anyhow!("store_cache_mb is too large"))?,
                 }
             }
         };
@@ -943,6 +953,7 @@ mod tests {
             data_dir: dir.into(),
             checkpoint_interval: Duration::from_secs(1),
             retention: Duration::from_secs(90 * 86_400),
+            cache_bytes: 8 << 20,
         };
         assert_eq!(store(&[]).unwrap(), embedded("kabao-data"));
         assert_eq!(store(&["--data-dir", "/d"]).unwrap(), embedded("/d"));

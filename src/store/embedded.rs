@@ -41,6 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use fjall::config::PartitioningPolicy;
 use fjall::{KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace, Slice};
 use parking_lot::{Mutex, RwLock};
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -224,13 +225,15 @@ pub struct EmbeddedConfig {
 }
 
 impl EmbeddedConfig {
-    /// API.md's defaults for `data_dir`: checkpoint every second, 90 days' retention, 32 MiB cache.
+    /// API.md's defaults for `data_dir`: checkpoint every second, 90 days' retention; an 8 MiB
+    /// cache (RocksDB's default: the tables' blocks are in the page cache behind it, and a wallet
+    /// read costs the same with 4, 8 or 32 MiB, BENCHMARKS.md).
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
             checkpoint_interval: Duration::from_secs(1),
             retention: Duration::from_secs(90 * 86_400),
-            cache_bytes: 32 << 20,
+            cache_bytes: 8 << 20,
             max_user_states: 0,
         }
     }
@@ -521,9 +524,10 @@ fn device_id_of(device_key: &[u8], prefix: &[u8]) -> Result<DeviceId, StoreError
 /// against a bound on memory that issue 7 asks (RSS after 5 M coupons at most 1.5× that after
 /// none); (3) the journal: up to 64 MiB (fjall's least) on disk before the keyspaces holding its
 /// oldest part are flushed, so recovery replays at most that, and memtables never outlive it;
-/// (4) open table files, at most 256 cached descriptors; (5) pinned blocks: the index blocks of
-/// levels 0 and 1 and the filter blocks of level 0 only (fjall's default), levels compaction keeps
-/// small; deeper levels' blocks go through the cache.
+/// (4) open table files, at most 256 cached descriptors; (5) pinned blocks: the keyspaces every
+/// coupon writes have partitioned index and filter blocks on every level (below), so only each
+/// table's small top-level index stays in memory and the partitions go through the cache; the
+/// small keyspaces keep fjall's default (index blocks of levels 0 and 1, filters of level 0).
 fn open_database(path: &Path, cache_bytes: usize) -> fjall::Result<(SingleWriterTxDatabase, Keyspaces)> {
     let db = SingleWriterTxDatabase::builder(path)
         .cache_size(cache_bytes as u64)
@@ -536,8 +540,22 @@ fn open_database(path: &Path, cache_bytes: usize) -> fjall::Result<(SingleWriter
         // A point read of the wallets is by a key taken from the coupons keyspace, so it finds its
         // row: no filter is built for their last level (most of their bytes), nor held in memory.
         // The coupons keyspace keeps its filters: the check for a duplicate id misses.
-        let options =
-            || KeyspaceCreateOptions::default().max_memtable_size(memtable).expect_point_read_hits(t == T::Wallets);
+        let options = || {
+            let options =
+                KeyspaceCreateOptions::default().max_memtable_size(memtable).expect_point_read_hits(t == T::Wallets);
+            if t.hot() {
+                // Partitioned index and filter blocks on every level (fjall partitions from level
+                // 3 only): a read loads a 4 KiB partition through the cache, where a table's whole
+                // index block (about 1 MiB for 64 MiB of wallets) was read and checksummed at each
+                // lookup once the cache could not hold them all; only the small top-level indexes stay
+                // in memory, however long the history.
+                options
+                    .index_block_partitioning_policy(PartitioningPolicy::all(true))
+                    .filter_block_partitioning_policy(PartitioningPolicy::all(true))
+            } else {
+                options
+            }
+        };
         keyspaces.push(db.keyspace(t.name(), options)?);
     }
     Ok((db, Keyspaces(keyspaces)))
@@ -799,7 +817,16 @@ impl EmbeddedStore {
                 Ok(())
             }));
         }
+        self.report_memory();
         futures::future::try_join_all(slices).await.map(drop)
+    }
+
+    /// fjall's own memory, in `/metrics`: the memtables (written, not yet flushed to tables) and
+    /// the block cache, each bounded (`open_database`).
+    fn report_memory(&self) {
+        let db = self.db.inner();
+        metrics::gauge!("kabao_store_memtable_bytes").set(db.write_buffer_size() as f64);
+        metrics::gauge!("kabao_store_cache_bytes").set(db.cache_size() as f64);
     }
 
     /// Deletes coupons that expired more than the retention period before `now_ms`; returns how many.
