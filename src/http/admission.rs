@@ -20,8 +20,9 @@
 //! The budget bounds what a caller holds, not the CPU it takes. The handlers that do work in
 //! proportion to pings (`POST /v1/pings`) also take the caller's *work share*
 //! ([`Ticket::work`]): one caller has at most [`WORK_SHARE_PINGS`] pings being parsed, matched
-//! and applied at once, so it keeps at most about one worker busy however many connections it
-//! floods from; its other requests wait their turn (in order, for at most [`WORK_WAIT`], then
+//! and applied at once, and while other callers work too, at most one request (a flood of
+//! 500-ping batches would otherwise run twenty at once), so it keeps at most about one worker busy
+//! however many connections it floods from; its other requests wait their turn (in order, for at most [`WORK_WAIT`], then
 //! `429 overloaded`). Waiting costs no CPU, and what the waiting requests hold (their bodies) is
 //! already counted in the budget, so memory stays bounded too. Within the work, big batches run
 //! in slices that yield to the scheduler (see `crate::engine::WORK_SLICE`), so a phone's ping
@@ -59,6 +60,10 @@ type Amounts = [u64; 3];
 /// caller's single request is never larger than this, so it always fits alone.
 pub const WORK_SHARE_PINGS: u32 = crate::http::pings::MAX_BATCH as u32;
 
+/// How recently another caller must have started work for a caller's share to count requests
+/// too (see [`InFlight::others_working`]).
+pub const SHARED_WHILE: Duration = Duration::from_secs(1);
+
 /// How long a request waits for its caller's work share before it is refused with
 /// `429 overloaded` (its caller then has more queued than it can be served in that time).
 pub const WORK_WAIT: Duration = Duration::from_secs(10);
@@ -72,7 +77,13 @@ pub struct InFlight {
     /// [`WORK_SHARE_PINGS`] permits) and how many requests hold or wait for it; a caller with
     /// none has no entry, so this is bounded by the requests in flight.
     working: Mutex<HashMap<Arc<str>, WorkQueue>>,
+    /// The last two distinct callers to start work, the most recent first, and when: enough to
+    /// tell any caller whether someone else started work within [`SHARED_WHILE`].
+    recent: Mutex<[Option<Started>; 2]>,
 }
+
+/// A caller, and when it last started work.
+type Started = (Arc<str>, Instant);
 
 /// One caller's work share and how many of its requests hold or wait for it.
 struct WorkQueue {
@@ -98,7 +109,25 @@ impl InFlight {
             shares: limits.map(|l| (l / divisor).max(1)),
             state: Mutex::new(Held::default()),
             working: Mutex::new(HashMap::new()),
+            recent: Mutex::new([None, None]),
         }
+    }
+
+    /// Records that `caller` starts work now; answers whether another caller started work within
+    /// [`SHARED_WHILE`]. Then a request weighs at least half the share whatever its pings, so the
+    /// caller has one request in work at a time: a flood of small batches keeps about one worker
+    /// busy, as one of full batches does, and leaves the other to everyone else. A caller alone
+    /// (a gateway, a load test) still has as many requests in work as its share holds.
+    fn others_working(&self, caller: &Arc<str>, now: Instant) -> bool {
+        let mut recent = self.recent.lock();
+        let is = |slot: &Option<Started>| slot.as_ref().is_some_and(|(c, _)| c == caller);
+        let other = if is(&recent[0]) { &recent[1] } else { &recent[0] };
+        let others = other.as_ref().is_some_and(|(_, at)| now.duration_since(*at) < SHARED_WHILE);
+        if !is(&recent[0]) {
+            recent[1] = recent[0].take();
+        }
+        recent[0] = Some((caller.clone(), now));
+        others
     }
 
     /// Admits one request of `caller` declaring `bytes` of body, or refuses it.
@@ -193,7 +222,10 @@ impl Ticket {
         };
         // Counted before waiting, so a request that gives up (or is dropped) uncounts itself.
         let mut permit = WorkPermit { budget: self.budget.clone(), caller: self.caller.clone(), permit: None };
-        let n = pings.clamp(1, u64::from(WORK_SHARE_PINGS)) as u32;
+        let mut n = pings.clamp(1, u64::from(WORK_SHARE_PINGS)) as u32;
+        if self.budget.others_working(&self.caller, Instant::now()) {
+            n = n.max(WORK_SHARE_PINGS / 2 + 1);
+        }
         match tokio::time::timeout(wait, queue.acquire_many_owned(n)).await {
             Ok(Ok(held)) => {
                 permit.permit = Some(held);
@@ -432,6 +464,40 @@ mod tests {
         assert!(t.work_within(0, WORK_WAIT).now_or_never().is_none());
         drop(all);
         assert!(t.work_within(0, WORK_WAIT).now_or_never().is_some());
+    }
+
+    #[tokio::test]
+    async fn while_others_work_a_callers_small_batches_run_one_at_a_time() {
+        use futures::FutureExt;
+        let b = budget(64, 100_000, 8);
+        let gateway = b.admit("admin:a".into(), 0).unwrap();
+        // Alone, a caller's small batches run side by side.
+        let one = gateway.work_within(500, WORK_WAIT).await.unwrap();
+        let two = gateway.work_within(500, WORK_WAIT).await.unwrap();
+        drop((one, two));
+        // A phone pings: now each of the gateway's requests weighs half the share or more.
+        let phone = b.admit("user:phone".into(), 0).unwrap();
+        drop(phone.work_within(1, WORK_WAIT).await.unwrap());
+        let one = gateway.work_within(500, WORK_WAIT).await.unwrap();
+        let mut two = Box::pin(gateway.work_within(500, WORK_WAIT));
+        assert!(two.as_mut().now_or_never().is_none(), "one request in work at a time");
+        drop(one);
+        assert!(two.now_or_never().is_some());
+    }
+
+    #[test]
+    fn others_working_looks_at_the_last_two_callers_within_the_window() {
+        let b = budget(64, 100_000, 8);
+        let (a, c): (Arc<str>, Arc<str>) = ("admin:a".into(), "user:c".into());
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert!(!b.others_working(&a, at(0)), "nobody else");
+        assert!(!b.others_working(&a, at(10)), "only itself");
+        assert!(b.others_working(&c, at(20)), "a just now");
+        assert!(b.others_working(&a, at(500)), "c at 20 ms");
+        assert!(b.others_working(&a, at(1_010)), "c at 20 ms, 990 ms ago");
+        assert!(!b.others_working(&a, at(1_030)), "c more than SHARED_WHILE ago");
+        assert!(b.others_working(&c, at(1_040)), "a at 1 030 ms");
     }
 
     #[tokio::test]
