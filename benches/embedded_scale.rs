@@ -12,9 +12,9 @@
 //!    time to ready with 1 M fences and 5 M coupons on disk.
 //!
 //! `cargo bench --bench embedded_scale` (options after `--`: `--fences N --big-fences N
-//! --coupons N --reads N --dir PATH [--serve-only]`; `--serve-only` serves an existing `--dir` as it
-//! is and reads `--reads` wallets of its `--coupons` users). Needs a few GB of disk; the directory is removed at the end
-//! unless `--dir` was given. Prints one table.
+//! --coupons N --reads N --dir PATH [--serve-only]`; `--serve-only` serves an existing `--dir` as
+//! it is and reads `--reads` wallets of its `--coupons` users). Needs a few GB of disk; the
+//! directory is removed at the end unless `--dir` was given. Prints one table.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -21,9 +21,9 @@
 //! proportion to pings (`POST /v1/pings`) also take the caller's *work share*
 //! ([`Ticket::work`]): one caller has at most [`WORK_SHARE_PINGS`] pings being parsed, matched
 //! and applied at once, and while other callers work too, at most one request (a flood of
-//! 500-ping batches would otherwise run twenty at once), so it keeps at most about one worker busy
-//! however many connections it floods from; its other requests wait their turn (in order, for at most [`WORK_WAIT`], then
-//! `429 overloaded`). Waiting costs no CPU, and what the waiting requests hold (their bodies) is
+//! 500-ping batches would otherwise run twenty at once), so it keeps at most about one worker
+//! busy however many connections it floods from; its other requests wait their turn (in order,
+//! for at most [`WORK_WAIT`], then `429 overloaded`). Waiting costs no CPU, and what the waiting requests hold (their bodies) is
 //! already counted in the budget, so memory stays bounded too. Within the work, big batches run
 //! in slices that yield to the scheduler (see `crate::engine::WORK_SLICE`), so a phone's ping
 //! does not wait behind a whole batch on the worker it lands on.
@@ -61,7 +61,7 @@ type Amounts = [u64; 3];
 pub const WORK_SHARE_PINGS: u32 = crate::http::pings::MAX_BATCH as u32;
 
 /// How recently another caller must have started work for a caller's share to count requests
-/// too (see [`InFlight::others_working`]).
+/// too (see [`Working::others_working`]).
 pub const SHARED_WHILE: Duration = Duration::from_secs(1);
 
 /// How long a request waits for its caller's work share before it is refused with
@@ -73,17 +73,42 @@ pub struct InFlight {
     limits: Amounts,
     shares: Amounts,
     state: Mutex<Held>,
+    working: Mutex<Working>,
+}
+
+/// Who is working: under one lock, taken once as a request starts work and once as it ends.
+#[derive(Default)]
+struct Working {
     /// Each caller's work share (a fair, first-come-first-served semaphore of
     /// [`WORK_SHARE_PINGS`] permits) and how many requests hold or wait for it; a caller with
     /// none has no entry, so this is bounded by the requests in flight.
-    working: Mutex<HashMap<Arc<str>, WorkQueue>>,
+    queues: HashMap<Arc<str>, WorkQueue>,
     /// The last two distinct callers to start work, the most recent first, and when: enough to
     /// tell any caller whether someone else started work within [`SHARED_WHILE`].
-    recent: Mutex<[Option<Started>; 2]>,
+    recent: [Option<Started>; 2],
 }
 
 /// A caller, and when it last started work.
 type Started = (Arc<str>, Instant);
+
+impl Working {
+    /// Records that `caller` starts work `now`; answers whether another caller started work within
+    /// [`SHARED_WHILE`]. Then a request weighs at least half the share whatever its pings, so the
+    /// caller has one request in work at a time: a flood of small batches keeps about one worker
+    /// busy, as one of full batches does, and leaves the other to everyone else. A caller alone
+    /// (a gateway, a load test) still has as many requests in work as its share holds.
+    fn others_working(&mut self, caller: &Arc<str>, now: Instant) -> bool {
+        let recent = &mut self.recent;
+        let is = |slot: &Option<Started>| slot.as_ref().is_some_and(|(c, _)| c == caller);
+        let other = if is(&recent[0]) { &recent[1] } else { &recent[0] };
+        let others = other.as_ref().is_some_and(|(_, at)| now.duration_since(*at) < SHARED_WHILE);
+        if !is(&recent[0]) {
+            recent[1] = recent[0].take();
+        }
+        recent[0] = Some((caller.clone(), now));
+        others
+    }
+}
 
 /// One caller's work share and how many of its requests hold or wait for it.
 struct WorkQueue {
@@ -108,26 +133,8 @@ impl InFlight {
             limits,
             shares: limits.map(|l| (l / divisor).max(1)),
             state: Mutex::new(Held::default()),
-            working: Mutex::new(HashMap::new()),
-            recent: Mutex::new([None, None]),
+            working: Mutex::new(Working::default()),
         }
-    }
-
-    /// Records that `caller` starts work now; answers whether another caller started work within
-    /// [`SHARED_WHILE`]. Then a request weighs at least half the share whatever its pings, so the
-    /// caller has one request in work at a time: a flood of small batches keeps about one worker
-    /// busy, as one of full batches does, and leaves the other to everyone else. A caller alone
-    /// (a gateway, a load test) still has as many requests in work as its share holds.
-    fn others_working(&self, caller: &Arc<str>, now: Instant) -> bool {
-        let mut recent = self.recent.lock();
-        let is = |slot: &Option<Started>| slot.as_ref().is_some_and(|(c, _)| c == caller);
-        let other = if is(&recent[0]) { &recent[1] } else { &recent[0] };
-        let others = other.as_ref().is_some_and(|(_, at)| now.duration_since(*at) < SHARED_WHILE);
-        if !is(&recent[0]) {
-            recent[1] = recent[0].take();
-        }
-        recent[0] = Some((caller.clone(), now));
-        others
     }
 
     /// Admits one request of `caller` declaring `bytes` of body, or refuses it.
@@ -211,9 +218,13 @@ impl Ticket {
     }
 
     async fn work_within(&self, pings: u64, wait: Duration) -> Result<WorkPermit, ApiError> {
+        let mut n = pings.clamp(1, u64::from(WORK_SHARE_PINGS)) as u32;
         let queue = {
             let mut working = self.budget.working.lock();
-            let entry = working.entry(self.caller.clone()).or_insert_with(|| WorkQueue {
+            if working.others_working(&self.caller, Instant::now()) {
+                n = n.max(WORK_SHARE_PINGS / 2 + 1);
+            }
+            let entry = working.queues.entry(self.caller.clone()).or_insert_with(|| WorkQueue {
                 share: Arc::new(Semaphore::new(WORK_SHARE_PINGS as usize)),
                 requests: 0,
             });
@@ -222,10 +233,6 @@ impl Ticket {
         };
         // Counted before waiting, so a request that gives up (or is dropped) uncounts itself.
         let mut permit = WorkPermit { budget: self.budget.clone(), caller: self.caller.clone(), permit: None };
-        let mut n = pings.clamp(1, u64::from(WORK_SHARE_PINGS)) as u32;
-        if self.budget.others_working(&self.caller, Instant::now()) {
-            n = n.max(WORK_SHARE_PINGS / 2 + 1);
-        }
         match tokio::time::timeout(wait, queue.acquire_many_owned(n)).await {
             Ok(Ok(held)) => {
                 permit.permit = Some(held);
@@ -251,11 +258,11 @@ impl Drop for WorkPermit {
     fn drop(&mut self) {
         // Given back first, so the next waiter may start.
         drop(self.permit.take());
-        let mut working = self.budget.working.lock();
-        if let Some(entry) = working.get_mut(&self.caller) {
+        let queues = &mut self.budget.working.lock().queues;
+        if let Some(entry) = queues.get_mut(&self.caller) {
             entry.requests -= 1;
             if entry.requests == 0 {
-                working.remove(&self.caller);
+                queues.remove(&self.caller);
             }
         }
     }
@@ -414,9 +421,9 @@ mod tests {
         drop((other, phone));
         drop(first);
         waiting.await.unwrap();
-        assert_eq!(b.working.lock().len(), 1);
+        assert_eq!(b.working.lock().queues.len(), 1);
         drop(second);
-        assert!(b.working.lock().is_empty(), "no entry is kept for callers without work");
+        assert!(b.working.lock().queues.is_empty(), "no entry is kept for callers without work");
     }
 
     #[tokio::test]
@@ -487,17 +494,17 @@ mod tests {
 
     #[test]
     fn others_working_looks_at_the_last_two_callers_within_the_window() {
-        let b = budget(64, 100_000, 8);
+        let mut working = Working::default();
         let (a, c): (Arc<str>, Arc<str>) = ("admin:a".into(), "user:c".into());
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        assert!(!b.others_working(&a, at(0)), "nobody else");
-        assert!(!b.others_working(&a, at(10)), "only itself");
-        assert!(b.others_working(&c, at(20)), "a just now");
-        assert!(b.others_working(&a, at(500)), "c at 20 ms");
-        assert!(b.others_working(&a, at(1_010)), "c at 20 ms, 990 ms ago");
-        assert!(!b.others_working(&a, at(1_030)), "c more than SHARED_WHILE ago");
-        assert!(b.others_working(&c, at(1_040)), "a at 1 030 ms");
+        assert!(!working.others_working(&a, at(0)), "nobody else");
+        assert!(!working.others_working(&a, at(10)), "only itself");
+        assert!(working.others_working(&c, at(20)), "a just now");
+        assert!(working.others_working(&a, at(500)), "c at 20 ms");
+        assert!(working.others_working(&a, at(1_010)), "c at 20 ms, 990 ms ago");
+        assert!(!working.others_working(&a, at(1_030)), "c more than SHARED_WHILE ago");
+        assert!(working.others_working(&c, at(1_040)), "a at 1 030 ms");
     }
 
     #[tokio::test]
@@ -508,9 +515,9 @@ mod tests {
         // A zero wait: the share is tried once, then the wait is over.
         assert!(matches!(t.work_within(1, Duration::ZERO).await, Err(ApiError::Overloaded)));
         assert!(t.work_within(1, Duration::ZERO).await.is_err());
-        assert_eq!(b.working.lock()["admin:a"].requests, 1);
+        assert_eq!(b.working.lock().queues["admin:a"].requests, 1);
         drop(t);
-        assert!(b.working.lock().is_empty());
+        assert!(b.working.lock().queues.is_empty());
     }
 
     #[test]

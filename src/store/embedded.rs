@@ -718,6 +718,7 @@ impl EmbeddedStore {
                 if let Err(e) = store.checkpoint().await {
                     tracing::warn!(error = %e, "trigger state checkpoint failed");
                 }
+                store.report_memory();
                 if purged_at.elapsed() >= Duration::from_secs(3600) {
                     purged_at = tokio::time::Instant::now();
                     match store.purge_expired(wall_clock_ms()).await {
@@ -817,7 +818,6 @@ impl EmbeddedStore {
                 Ok(())
             }));
         }
-        self.report_memory();
         futures::future::try_join_all(slices).await.map(drop)
     }
 
