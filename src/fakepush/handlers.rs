@@ -75,14 +75,14 @@ fn endpoint(provider: &str) -> usize {
     }
 }
 
-/// A fault said to drop the connection: the service fails, and hyper closes the connection
-/// (HTTP/1.1) or resets the stream (HTTP/2) without an answer.
+/// No answer: a fault said to drop the connection, or the request's body broke off. The service
+/// fails, and hyper closes the connection (HTTP/1.1) or resets the stream (HTTP/2).
 #[derive(Debug)]
 struct Dropped;
 
 impl std::fmt::Display for Dropped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("connection dropped by an injected fault")
+        f.write_str("connection dropped: an injected fault, or a body that broke off")
     }
 }
 
@@ -300,7 +300,10 @@ impl State {
         let received_at_us =
             SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
         let (parts, body) = request.into_parts();
-        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        // A body that breaks off (the sender died mid-request) is no request: nothing to answer or
+        // record, as a real provider would never have seen a whole one. Read as empty, it was
+        // answered and recorded as a refused push.
+        let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else { return Err(Dropped) };
         let json = if body.is_empty() { None } else { serde_json::from_slice::<Value>(&body).ok() };
         let request = ReadRequest {
             method: parts.method,
